@@ -1,0 +1,172 @@
+"""One qemu-storage-daemon process and its QMP connection.
+
+The daemon is started with nothing but a QMP monitor on one end of a socketpair (connecting to a
+listening socket races at start-up), in a session of its own (a terminal's Ctrl-C reaches only us,
+and we revert in order) and with a parent-death signal (it never outlives us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from fuse_disk_export.errors import LockedError, QemuError, RequirementError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
+    """Runs in the child between fork and exec: SIGTERM when the thread that forked us dies."""
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # The parent may have died before prctl; then nobody would ever signal us.
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def describe_exit(status: int) -> str:
+    """``Popen.returncode`` in words: "exited with status 1", "killed by SIGKILL"."""
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def _is_lock_error(message: str) -> bool:
+    return "lock" in message and ("Failed to get" in message or "another process" in message)
+
+
+class StorageDaemon:
+    """A running qemu-storage-daemon we own, driven through qemu.qmp.
+
+    Create with `StorageDaemon.start`; always end with `stop` (or `kill` when QMP is gone).
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], qmp: QMPClient) -> None:
+        self.process = process
+        self.qmp = qmp
+        self._exited = asyncio.Event()
+        self._pidfd = os.pidfd_open(process.pid)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def start(
+        cls, *, binary: str = "qemu-storage-daemon", stderr: int | None = None
+    ) -> StorageDaemon:
+        """Start the daemon and connect QMP to it.
+
+        :param stderr: file descriptor for the daemon's own messages (default: ours).
+        :raise RequirementError: the binary is not installed.
+        :raise QemuError: it started but QMP could not be established.
+        """
+        path = shutil.which(binary)
+        if path is None:
+            raise RequirementError(f"{binary} not found (Debian package qemu-system-common)")
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getpid()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            fd = theirs.fileno()
+            argv = [path, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
+            log.debug("starting %s", " ".join(argv))
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr if stderr is not None else 2,
+                pass_fds=(fd,),
+                start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(libc, parent),
+            )
+        finally:
+            theirs.close()
+        qmp = QMPClient("qemu-storage-daemon")
+        try:
+            await qmp.connect(ours)
+        except QMPError as e:
+            process.kill()
+            process.wait()
+            raise QemuError(f"qemu-storage-daemon did not answer on QMP: {e}") from e
+        log.debug("qemu-storage-daemon pid %d, QMP up", process.pid)
+        return cls(process, qmp)
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        self._exited.set()
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    async def wait_exit(self) -> int:
+        """Wait until the process has ended and return its ``Popen.returncode``."""
+        await self._exited.wait()
+        return self.process.wait()
+
+    async def execute(self, command: str, args: dict[str, object] | None = None) -> object:
+        """Run one QMP command.
+
+        :raise LockedError: QEMU could not take the image lock (another process has it open).
+        :raise QemuError: QEMU refused the command, or the daemon is gone.
+        """
+        try:
+            return await self.qmp.execute(command, args)
+        except ExecuteError as e:
+            message = str(e)
+            if _is_lock_error(message):
+                raise LockedError(f"image is in use: locked by another process ({message})") from e
+            raise QemuError(message) from e
+        except QMPError as e:
+            raise QemuError(f"qemu-storage-daemon stopped answering ({command}): {e}") from e
+
+    @contextlib.contextmanager
+    def listen(self, names: Sequence[str]) -> Iterator[EventListener]:
+        """Collect events named ``names`` for the duration of the block."""
+        with self.qmp.listener(names) as listener:
+            yield listener
+
+    async def stop(self, timeout: float = 5.0) -> int:
+        """Ask the daemon to quit (it flushes and closes every node), wait, and reap it."""
+        if not self.exited:
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await self.qmp.execute("quit")
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except TimeoutError:
+            log.warning("qemu-storage-daemon (pid %d) did not quit; killing it", self.pid)
+            self.process.kill()
+        await self.close()
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, if it still runs.  Only ever our own child, by pid."""
+        if self.process.poll() is None:
+            self.process.kill()
+
+    async def close(self) -> None:
+        """Drop the QMP connection and the pidfd; the process is not touched."""
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self.qmp.disconnect()
+        if self._pidfd >= 0:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1

@@ -1,0 +1,239 @@
+"""The block graph as pure data, and the QMP commands that bring it up and take it down.
+
+Nothing here starts a process or touches a file: given what the images are (already probed and
+checked), `plan` decides node names, options and order; `BlockGraph` hands out the commands.  Every
+path is absolute and travels inside QMP JSON, so QEMU never parses it as option syntax or as a
+``protocol:`` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Backing = Literal["safe", "none", "any"]
+AllowOther = Literal["auto", "on", "off"]
+
+# Formats whose QEMU driver accepts a "backing" option.  For the others, naming one is an error.
+BACKING_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk"})
+
+
+@dataclass(frozen=True)
+class Command:
+    """One QMP command: its name and arguments, exactly as sent."""
+
+    name: str
+    args: dict[str, object]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A command that adds something, the one that removes it again, and the image it is for."""
+
+    image: str
+    do: Command
+    undo: Command | None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One file of an image's chain: absolute path, QEMU format driver, opened read-only or not."""
+
+    path: str
+    format: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A byte range of the virtual disk exported on its own (a partition)."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Everything the planner needs about one image to export.
+
+    :param image: the image as the user named it, for messages.
+    :param layers: the image first, then its backing files in order (only with backing="safe").
+    :param backing: "safe" opens exactly ``layers``; "none" opens the top alone; "any" lets QEMU
+        follow whatever the header names.
+    :param mountpoint: absolute path the FUSE export is mounted on.
+    """
+
+    image: str
+    layers: tuple[Layer, ...]
+    mountpoint: str
+    writable: bool
+    backing: Backing = "safe"
+    data_file: str | None = None
+    slice: Slice | None = None
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Options that apply to every image of an invocation."""
+
+    allow_other: AllowOther = "auto"
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+    aio: str | None = None
+    discard: str = "unmap"
+    detect_zeroes: str = "off"
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """One FUSE export of the graph: what users will see and where."""
+
+    export_id: str
+    image: str
+    node_name: str
+    mountpoint: str
+    writable: bool
+
+
+@dataclass(frozen=True)
+class BlockGraph:
+    """Nodes and exports of one invocation, as phases of steps.
+
+    Steps within a phase do not depend on one another's *success* being known in advance, so they
+    can be sent back to back (QEMU runs them in order); a phase starts only when the previous one
+    has fully succeeded.
+    """
+
+    phases: tuple[tuple[Step, ...], ...]
+    exports: tuple[ExportPlan, ...] = field(default=())
+
+    def all_steps(self) -> Iterable[Step]:
+        for phase in self.phases:
+            yield from phase
+
+    def describe(self) -> list[str]:
+        """Human-readable lines for ``-v``: every command in order."""
+        return [f"{s.do.name} {s.do.args}" for s in self.all_steps()]
+
+
+def _node_prefix(index: int) -> str:
+    # Node names are limited to 31 characters in QEMU; keep them short and unique per invocation.
+    return f"fde{index}"
+
+
+def _cache(tuning: Tuning) -> dict[str, object]:
+    return {"direct": tuning.cache_direct, "no-flush": tuning.cache_no_flush}
+
+
+def _protocol_node(name: str, path: str, read_only: bool, tuning: Tuning) -> dict[str, object]:
+    args: dict[str, object] = {
+        "driver": "file",
+        "node-name": name,
+        "filename": path,
+        "read-only": read_only,
+        "cache": _cache(tuning),
+        "discard": tuning.discard,
+    }
+    if tuning.aio is not None:
+        args["aio"] = tuning.aio
+    return args
+
+
+def _format_node(
+    name: str, layer: Layer, file_node: str, read_only: bool, tuning: Tuning
+) -> dict[str, object]:
+    return {
+        "driver": layer.format,
+        "node-name": name,
+        "file": file_node,
+        "read-only": read_only,
+        "cache": _cache(tuning),
+        "discard": tuning.discard,
+        "detect-zeroes": tuning.detect_zeroes,
+    }
+
+
+def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step], str]:
+    """Steps that open one image (bottom of the chain first) and the node to export."""
+    prefix = _node_prefix(index)
+    steps: list[Step] = []
+
+    def add(args: dict[str, object]) -> str:
+        name = str(args["node-name"])
+        steps.append(
+            Step(
+                spec.image,
+                Command("blockdev-add", args),
+                Command("blockdev-del", {"node-name": name}),
+            )
+        )
+        return name
+
+    layers = spec.layers if spec.backing == "safe" else spec.layers[:1]
+    below: str | None = None
+    # Open from the bottom of the chain up, so each overlay can name the node below it.
+    for depth in range(len(layers) - 1, -1, -1):
+        layer = layers[depth]
+        top = depth == 0
+        read_only = layer.read_only or not (top and spec.writable)
+        file_node = add(_protocol_node(f"{prefix}-file{depth}", layer.path, read_only, tuning))
+        fmt = _format_node(f"{prefix}-fmt{depth}", layer, file_node, read_only, tuning)
+        if layer.format in BACKING_FORMATS:
+            if spec.backing == "none" or (spec.backing == "safe" and below is None):
+                fmt["backing"] = None
+            elif below is not None:
+                fmt["backing"] = below
+        if top and spec.data_file is not None:
+            fmt["data-file"] = add(
+                _protocol_node(f"{prefix}-data", spec.data_file, read_only, tuning)
+            )
+        below = add(fmt)
+    assert below is not None, "an image has at least one layer"
+    if spec.slice is not None:
+        below = add(
+            {
+                "driver": "raw",
+                "node-name": f"{prefix}-part",
+                "file": below,
+                "offset": spec.slice.offset,
+                "size": spec.slice.size,
+                "read-only": not spec.writable,
+            }
+        )
+    return steps, below
+
+
+def plan(specs: Sequence[ImageSpec], tuning: Tuning | None = None) -> BlockGraph:
+    """Plan the graph that exports every image in ``specs`` through one qemu-storage-daemon.
+
+    Phase 1 opens every image; phase 2 mounts every export.  The image file is open before its
+    own path is mounted over, which is what lets an image be exported on itself.
+    """
+    tuning = tuning or Tuning()
+    opens: list[Step] = []
+    mounts: list[Step] = []
+    exports: list[ExportPlan] = []
+    for index, spec in enumerate(specs):
+        steps, top = _image_steps(index, spec, tuning)
+        opens.extend(steps)
+        export_id = f"{_node_prefix(index)}-export"
+        mounts.append(
+            Step(
+                spec.image,
+                Command(
+                    "block-export-add",
+                    {
+                        "type": "fuse",
+                        "id": export_id,
+                        "node-name": top,
+                        "mountpoint": spec.mountpoint,
+                        "writable": spec.writable,
+                        "allow-other": tuning.allow_other,
+                    },
+                ),
+                Command("block-export-del", {"id": export_id}),
+            )
+        )
+        exports.append(ExportPlan(export_id, spec.image, top, spec.mountpoint, spec.writable))
+    return BlockGraph((tuple(opens), tuple(mounts)), tuple(exports))

@@ -1,0 +1,191 @@
+"""Apply a block graph all-or-nothing, serve until a stop signal or the daemon's death, revert.
+
+This is the one place that guarantees no mount is left behind on any path it touched: whatever
+happens between start and exit, `Session.run` ends by taking down what it brought up, and by
+checking /proc/self/mountinfo for every mount point it used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+
+from fuse_disk_export import mounts
+from fuse_disk_export.engine.daemon import StorageDaemon, describe_exit
+from fuse_disk_export.engine.graph import BlockGraph, Step
+from fuse_disk_export.errors import FdeError, Interrupted, QemuError
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# Generous bounds for things that take milliseconds when QEMU is healthy.
+EXPORT_DELETE_TIMEOUT = 10.0
+UNMOUNT_TIMEOUT = 5.0
+
+
+class Session:
+    """One invocation's exports, from the first QMP command to the last unmount check.
+
+    :param graph: what to bring up.
+    :param on_live: called once, when every export is mounted (write the pid file, tell the
+        waiting parent, print the "set up" line). An `FdeError` it raises reverts everything.
+    :param daemon_stderr: where qemu-storage-daemon's own messages go (a file descriptor).
+    """
+
+    def __init__(
+        self,
+        graph: BlockGraph,
+        *,
+        on_live: Callable[[Session], None],
+        daemon_stderr: int | None = None,
+    ) -> None:
+        self.graph = graph
+        self.on_live = on_live
+        self.daemon_stderr = daemon_stderr
+        self.daemon: StorageDaemon | None = None
+        self.stop_signal: str | None = None
+        self._stop = asyncio.Event()
+        self._done: list[Step] = []
+
+    def request_stop(self, signame: str) -> None:
+        """Ask the session to revert (from a signal handler or a test)."""
+        if self.stop_signal is None:
+            log.info("%s received, reverting", signame)
+            self.stop_signal = signame
+        self._stop.set()
+
+    def _check_stop(self) -> None:
+        if self.stop_signal is not None:
+            raise Interrupted(self.stop_signal)
+
+    @property
+    def mountpoints(self) -> list[str]:
+        return [str(s.do.args["mountpoint"]) for s in self._done if s.do.name == "block-export-add"]
+
+    async def run(self) -> None:
+        """Bring the graph up, serve, revert.  Returns after a clean revert on a stop signal.
+
+        :raise Interrupted: a stop signal arrived before every export was live.
+        :raise QemuError: QEMU refused part of the graph (nothing is left of it), or the daemon
+            died while serving (its mounts have been detached).
+        """
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        try:
+            try:
+                self.daemon = await StorageDaemon.start(stderr=self.daemon_stderr)
+                self._check_stop()
+                await self._apply()
+                self._check_stop()
+                self.on_live(self)
+                await self._serve()
+            finally:
+                await self._revert()
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    async def _apply(self) -> None:
+        assert self.daemon is not None
+        for phase in self.graph.phases:
+            # Sent back to back: QEMU runs them in order, so a failure makes the rest of the phase
+            # fail too, and we report the first one.
+            results = await asyncio.gather(
+                *(self.daemon.execute(s.do.name, s.do.args) for s in phase), return_exceptions=True
+            )
+            failure: tuple[Step, BaseException] | None = None
+            for step, result in zip(phase, results, strict=True):
+                if not isinstance(result, BaseException):
+                    self._done.append(step)
+                elif failure is None:
+                    failure = (step, result)
+            if failure is not None:
+                step, error = failure
+                if isinstance(error, FdeError):
+                    error.path = error.path or step.image
+                    raise error
+                raise error
+            self._check_stop()
+            log.debug("phase of %d commands applied", len(phase))
+
+    async def _serve(self) -> None:
+        assert self.daemon is not None
+        stop = asyncio.ensure_future(self._stop.wait())
+        death = asyncio.ensure_future(self.daemon.wait_exit())
+        try:
+            await asyncio.wait((stop, death), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            death.cancel()
+        if self.daemon.exited:
+            status = self.daemon.process.wait()
+            paths = self.mountpoints
+            self._detach(paths)
+            raise QemuError(
+                f"qemu-storage-daemon (pid {self.daemon.pid}) {describe_exit(status)} while "
+                f"serving; unmounted {', '.join(paths)}"
+            )
+
+    async def _revert(self) -> None:
+        """Undo every step that succeeded, newest first, then stop the daemon and check mounts."""
+        daemon, self.daemon = self.daemon, None
+        touched = self.mountpoints
+        try:
+            if daemon is not None:
+                if not daemon.exited:
+                    await self._undo(daemon)
+                code = await daemon.stop()
+                log.debug("qemu-storage-daemon %s", describe_exit(code))
+        finally:
+            self._done.clear()
+            left = mounts.wait_unmounted(touched, 0) if touched else []
+            if left:
+                log.warning("a mount was left on %s; detaching it", ", ".join(left))
+                self._detach(left)
+
+    async def _undo(self, daemon: StorageDaemon) -> None:
+        exports = [s for s in self._done if s.do.name == "block-export-add"]
+        others = [s for s in reversed(self._done) if s.undo is not None and s not in exports]
+        if exports:
+            ids = {str(s.do.args["id"]) for s in exports}
+            with daemon.listen(["BLOCK_EXPORT_DELETED"]) as deleted:
+                # "hard" because a FUSE request in flight holds a reference that makes the default
+                # mode refuse; QEMU still completes that request before freeing the export.
+                results = await asyncio.gather(
+                    *(daemon.execute("block-export-del", {"id": i, "mode": "hard"}) for i in ids),
+                    return_exceptions=True,
+                )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        log.warning("removing an export failed: %s", result)
+                try:
+                    async with asyncio.timeout(EXPORT_DELETE_TIMEOUT):
+                        while ids:
+                            event = await deleted.get()
+                            ids.discard(str(event.get("data", {}).get("id")))
+                except TimeoutError:
+                    log.warning("QEMU did not confirm removal of export(s) %s", ", ".join(ids))
+            left = await asyncio.to_thread(
+                mounts.wait_unmounted,
+                [str(s.do.args["mountpoint"]) for s in exports],
+                UNMOUNT_TIMEOUT,
+            )
+            if left:
+                log.warning("still mounted after export removal: %s", ", ".join(left))
+        results = await asyncio.gather(
+            *(daemon.execute(s.undo.name, s.undo.args) for s in others if s.undo is not None),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("closing a node failed: %s", result)
+
+    @staticmethod
+    def _detach(paths: Sequence[str]) -> None:
+        for path in paths:
+            if mounts.mount_at(path) is not None:
+                mounts.lazy_unmount(path)

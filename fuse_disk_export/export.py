@@ -1,0 +1,100 @@
+"""One invocation, end to end: resolved images -> graph -> live session -> revert.
+
+The command line builds an `ExportRequest`; this module decides nothing about QEMU (graph does)
+and nothing about processes (session does): it wires them to the outside world — the pid file, the
+runtime registry, the "set up" line, the waiting parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fuse_disk_export import state
+from fuse_disk_export.daemonize import Reporter
+from fuse_disk_export.engine.graph import Tuning, plan
+from fuse_disk_export.engine.session import Session
+from fuse_disk_export.errors import FdeError
+from fuse_disk_export.images import Resolved
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "All exports set up, ^C to revert"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Everything one invocation exports, already resolved to absolute paths."""
+
+    images: Sequence[Resolved]
+    tuning: Tuning = field(default_factory=Tuning)
+    pid_file: str | None = None
+    quiet: bool = False
+
+
+def _write_pid_file(path: str) -> None:
+    state.write_atomically(Path(path), f"{os.getpid()}\n")
+
+
+def _remove_pid_file(path: str) -> None:
+    # Only our own: another instance may have taken the name since.
+    with contextlib.suppress(OSError, ValueError):
+        if int(Path(path).read_text().strip()) == os.getpid():
+            os.unlink(path)
+
+
+def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
+    """Export, serve until a stop signal, revert.  Returns the exit status.
+
+    :param reporter: the waiting parent of a ``-d`` run, told once live or failed.
+    :raise FdeError: setup failed (already rolled back) or the daemon died while serving.
+    """
+    graph = plan([r.spec for r in request.images], request.tuning)
+    for line in graph.describe():
+        log.debug("plan: %s", line)
+    since = time.time()
+
+    def on_live(session: Session) -> None:
+        if request.pid_file:
+            _write_pid_file(request.pid_file)
+        assert session.daemon is not None
+        state.register(
+            [
+                state.ExportRecord(
+                    image=r.spec.image,
+                    format=r.spec.layers[0].format,
+                    virtual_size=r.info.virtual_size,
+                    mountpoint=r.spec.mountpoint,
+                    writable=r.spec.writable,
+                    pid=os.getpid(),
+                    daemon_pid=session.daemon.pid,
+                    since=since,
+                )
+                for r in request.images
+            ]
+        )
+        log.info("live: %s", ", ".join(r.spec.mountpoint for r in request.images))
+        if reporter is not None:
+            reporter.ready()
+        elif not request.quiet:
+            print(READY_LINE, flush=True)
+
+    session = Session(graph, on_live=on_live)
+    try:
+        asyncio.run(session.run())
+    except FdeError as e:
+        if reporter is not None and reporter.pending:
+            reporter.failed(e)
+            return e.exit_status
+        raise
+    finally:
+        state.unregister()
+        if request.pid_file:
+            _remove_pid_file(request.pid_file)
+    return 0

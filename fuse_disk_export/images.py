@@ -1,0 +1,256 @@
+"""From the paths a user typed to checked `ImageSpec`s the planner can use.
+
+Each image is looked up in mountinfo before anything touches it (an exported path reads as raw, a
+dead mount fails every stat), resolved, probed, and its backing chain walked under the backing
+policy, so that QEMU only ever opens files we have looked at, named by absolute path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fuse_disk_export import detect, mounts, state
+from fuse_disk_export.engine.graph import Backing, ImageSpec, Layer, Slice
+from fuse_disk_export.errors import BackingError, ImageError, MountError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Formats we can recognise by content; a -f naming one of these must agree with the content.
+PROBED_FORMATS = frozenset(
+    {
+        "qcow2",
+        "qcow",
+        "vmdk",
+        "vdi",
+        "vhdx",
+        "vpc",
+        "qed",
+        "parallels",
+        "luks",
+        "dmg",
+        "bochs",
+        "cloop",
+    }
+)
+# Formats QEMU can only open read-only.
+READ_ONLY_FORMATS = frozenset({"dmg", "bochs", "cloop"})
+MAX_CHAIN = 64
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How the user asked every image of an invocation to be opened."""
+
+    format: str | None = None
+    read_only: bool = False
+    backing: Backing = "safe"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One image after inspection: the spec to plan, plus what ``--list`` and ``-v`` show."""
+
+    spec: ImageSpec
+    info: detect.ImageInfo
+    chain: tuple[str, ...] = field(default=())
+
+
+def _serving_pid(path: str) -> int | None:
+    record = state.find_by_mountpoint(path)
+    return record.pid if record else None
+
+
+def check_not_mounted(path: str, *, what: str = "") -> None:
+    """Refuse a path that is already a mount point, naming who serves it when we know.
+
+    :raise MountError: ``path`` is a mount point (live or dead).
+    """
+    entry = mounts.mount_at(path)
+    if entry is None:
+        return
+    prefix = f"{what} " if what else ""
+    if entry.is_fuse and mounts.is_dead(path):
+        raise MountError(
+            f"{prefix}is a dead FUSE mount (Transport endpoint is not connected); "
+            f"clean it up with: fusermount3 -u -z '{path}'",
+            path=path,
+        )
+    pid = _serving_pid(path)
+    by = f" by fuse-disk-export pid {pid}" if pid else f" ({entry.fstype} from {entry.source})"
+    raise MountError(f"{prefix}is already a mount point: exported{by}", path=path)
+
+
+def _regular_file(path: str, *, error: type[ImageError] = ImageError, what: str = "") -> None:
+    prefix = f"{what} " if what else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{prefix}no such file", path=path) from None
+    except PermissionError:
+        raise error(f"{prefix}permission denied", path=path) from None
+    except OSError as e:
+        raise error(f"{prefix}cannot be read: {e.strerror}", path=path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{prefix}is a directory, not an image file", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{prefix}is not a regular file (a device or special file)", path=path)
+
+
+def _check_writable(path: str) -> None:
+    mode = os.stat(path).st_mode
+    # Root may write anything; a file with no write bit was still meant to stay read-only.
+    if not mode & 0o222:
+        raise ImageError(
+            "is read-only (no write permission); use -r to export it read-only", path=path
+        )
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        raise ImageError(
+            f"is not writable ({e.strerror}); use -r to export it read-only", path=path
+        ) from None
+    os.close(fd)
+
+
+def _probe(path: str, *, error: type[ImageError] = ImageError) -> detect.ImageInfo:
+    try:
+        return detect.probe(path)
+    except ImageError as e:
+        raise error(e.reason, path=path) from None
+
+
+def _plain_reference(ref: str, *, owner: str, kind: str) -> str:
+    """Resolve a file name stored in an image header, refusing anything but a plain path."""
+    if ref.startswith("json:"):
+        raise BackingError(
+            f"{kind} {ref!r} is a json: specification; refused "
+            "(--backing=none exports the image alone, --backing=any lets QEMU follow it)",
+            path=owner,
+        )
+    if ":" in ref.split("/", 1)[0]:
+        raise BackingError(
+            f"{kind} {ref!r} has a protocol prefix; refused "
+            "(--backing=none exports the image alone, --backing=any lets QEMU follow it)",
+            path=owner,
+        )
+    return os.path.realpath(os.path.join(os.path.dirname(owner), ref))
+
+
+def _data_file(info: detect.ImageInfo, image: str) -> str | None:
+    if info.data_file is None:
+        return None
+    path = _plain_reference(info.data_file, owner=image, kind="external data file")
+    if os.path.dirname(path) != os.path.dirname(image):
+        raise BackingError(
+            f"external data file {info.data_file!r} lies outside the image's folder; refused",
+            path=image,
+        )
+    _regular_file(path, error=BackingError, what=f"external data file {info.data_file!r}:")
+    return path
+
+
+def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
+    """The backing files below ``top``, checked one by one, top first."""
+    layers: list[Layer] = []
+    seen = {top}
+    owner, current = top, info
+    while current.backing_file:
+        if len(layers) >= MAX_CHAIN:
+            raise BackingError(f"backing chain is longer than {MAX_CHAIN} files", path=top)
+        ref = current.backing_file
+        path = _plain_reference(ref, owner=owner, kind="backing file")
+        if path in seen:
+            raise BackingError(f"backing file {ref!r} makes the chain loop", path=owner)
+        seen.add(path)
+        check_not_mounted(path, what=f"backing file {ref!r}:")
+        _regular_file(path, error=BackingError, what=f"backing file {ref!r}:")
+        below = _probe(path, error=BackingError)
+        if below.data_file is not None:
+            raise BackingError(
+                f"backing file {ref!r} has an external data file; refused "
+                "(--backing=any lets QEMU follow it)",
+                path=owner,
+            )
+        fmt = current.backing_format or below.format
+        if fmt == "luks" or below.encrypted:
+            raise BackingError(f"backing file {ref!r} is encrypted; not supported", path=owner)
+        layers.append(Layer(path, fmt, read_only=True))
+        log.info("%s: backing file %r -> %s (%s)", owner, ref, path, fmt)
+        owner, current = path, below
+    return tuple(layers)
+
+
+def resolve(
+    image: str,
+    options: ImageOptions,
+    *,
+    mountpoint: str | None = None,
+    slice: Slice | None = None,
+) -> Resolved:
+    """Inspect one image and decide how to export it.
+
+    :raise MountError: the image or the mount point is already a mount point.
+    :raise ImageError: missing, not a regular file, unreadable, malformed, mismatched ``format``.
+    :raise BackingError: the header names a file the backing policy refuses.
+    """
+    format, read_only, backing = options.format, options.read_only, options.backing
+    named = os.path.abspath(image)
+    check_not_mounted(named)
+    real = os.path.realpath(named)
+    if real != named:
+        log.info("%s is a symlink; exporting its target %s", named, real)
+        check_not_mounted(real)
+    _regular_file(real)
+    info = _probe(real)
+    fmt = format or info.format
+    if format in PROBED_FORMATS and format != info.format:
+        raise ImageError(
+            f"is not a {format} image (its content looks like {info.format})", path=real
+        )
+    if fmt == "luks" or (info.encrypted and fmt == info.format):
+        raise ImageError("is encrypted; encrypted images are not supported yet", path=real)
+    if fmt in READ_ONLY_FORMATS and not read_only:
+        log.warning("%s: QEMU opens %s images read-only; exporting read-only", real, fmt)
+        read_only = True
+    if not read_only:
+        _check_writable(real)
+    chain: tuple[Layer, ...] = ()
+    data_file = None
+    if fmt == info.format:
+        if backing == "safe":
+            chain = _walk_chain(real, info)
+        if backing != "any":
+            data_file = _data_file(info, real)
+    target = os.path.abspath(mountpoint) if mountpoint else real
+    if target != real:
+        check_not_mounted(target)
+    spec = ImageSpec(
+        image=real,
+        layers=(Layer(real, fmt, read_only=read_only), *chain),
+        mountpoint=target,
+        writable=not read_only,
+        backing=backing,
+        data_file=data_file,
+        slice=slice,
+    )
+    return Resolved(spec, info, tuple(layer.path for layer in chain))
+
+
+def resolve_all(images: Sequence[str], options: ImageOptions) -> list[Resolved]:
+    """`resolve` every image; refuse the same file twice in one invocation."""
+    resolved: list[Resolved] = []
+    seen: dict[str, str] = {}
+    for image in images:
+        item = resolve(image, options)
+        if item.spec.mountpoint in seen:
+            raise UsageError(
+                f"named twice in one invocation (also as {seen[item.spec.mountpoint]!r})",
+                path=image,
+            )
+        seen[item.spec.mountpoint] = image
+        resolved.append(item)
+    return resolved
