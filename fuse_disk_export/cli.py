@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +24,8 @@ Images a guest could write to may be hostile: see the README's security note.
 """
 
 log = logging.getLogger("fuse_disk_export")
+
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,76 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="let other users access the export (default auto: try, fall back)",
     )
+    p.add_argument(
+        "-m",
+        "--mountpoint",
+        metavar="FILE",
+        help="export on FILE instead of the image's own path (created if missing, "
+        "removed on revert if created)",
+    )
+    p.add_argument(
+        "--mountpoint-dir",
+        metavar="DIR",
+        help="with several images: export each on DIR/<image file name>",
+    )
+    p.add_argument(
+        "-P",
+        "--partition",
+        type=int,
+        metavar="N",
+        help="export only partition N (MBR primary/logical or GPT) of the virtual disk",
+    )
+    p.add_argument(
+        "--list-partitions",
+        action="store_true",
+        help="print the partition table of each IMAGE and exit (exports nothing)",
+    )
+    p.add_argument(
+        "--nbd-socket",
+        metavar="PATH",
+        help="also serve every export over NBD on this Unix socket (export name: the "
+        "image's file name; qemu:allocation-depth on); the FUSE side is then read-only",
+    )
+    p.add_argument(
+        "-s",
+        "--snapshot",
+        action="store_true",
+        help="writes go to a temporary overlay, deleted on revert; the image is never modified",
+    )
+    p.add_argument(
+        "-l",
+        "--load-snapshot",
+        metavar="NAME_OR_ID",
+        help="export an internal snapshot of a qcow2 image, read-only",
+    )
+    p.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="LUKS passphrase (first line of FILE); asked on the terminal if missing",
+    )
+    p.add_argument(
+        "--discard",
+        choices=("ignore", "unmap"),
+        default="unmap",
+        help="what discard/TRIM through the export does (default unmap: frees space)",
+    )
+    p.add_argument(
+        "--detect-zeroes",
+        choices=("off", "on", "unmap"),
+        default="off",
+        help="detect writes of zeroes and write them efficiently (default off)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="writeback",
+        help="host cache mode, as in qemu-nbd (default writeback)",
+    )
+    p.add_argument(
+        "--aio",
+        choices=("threads", "native", "io_uring"),
+        help="AIO backend for the image files (native needs --cache none/directsync)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument(
         "-v",
@@ -99,19 +170,14 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fuse_disk_export.engine.graph import Tuning
-    from fuse_disk_export.export import ExportRequest, serve
-    from fuse_disk_export.images import ImageOptions, resolve_all
+    from fuse_disk_export.export import serve
+    from fuse_disk_export.request import build_request, list_partitions
 
     if not args.images:
         raise UsageError("no image given (see --help)")
-    options = ImageOptions(format=args.format, read_only=args.read_only, backing=args.backing)
-    request = ExportRequest(
-        images=resolve_all(args.images, options),
-        tuning=Tuning(allow_other=args.allow_other),
-        pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
-        quiet=args.quiet,
-    )
+    if args.list_partitions:
+        return list_partitions(args)
+    request = build_request(args)
     if not args.daemonize:
         return serve(request)
 

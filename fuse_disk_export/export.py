@@ -20,7 +20,7 @@ from fuse_disk_export import state
 from fuse_disk_export.daemonize import Reporter
 from fuse_disk_export.engine.graph import Tuning, plan
 from fuse_disk_export.engine.session import Session
-from fuse_disk_export.errors import FdeError
+from fuse_disk_export.errors import FdeError, MountError
 from fuse_disk_export.images import Resolved
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,12 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             print(READY_LINE, flush=True)
 
     session = Session(graph, on_live=on_live)
+    created: list[str] = []
     try:
+        for r in request.images:
+            if r.creates_mountpoint:
+                _create_mountpoint(r.spec.mountpoint)
+                created.append(r.spec.mountpoint)
         asyncio.run(session.run())
     except FdeError as e:
         if reporter is not None and reporter.pending:
@@ -97,4 +102,18 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
         state.unregister()
         if request.pid_file:
             _remove_pid_file(request.pid_file)
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if request.tuning.nbd_socket:
+            # We checked nothing was there before; whatever QEMU left is its socket.
+            with contextlib.suppress(OSError):
+                os.unlink(request.tuning.nbd_socket)
     return 0
+
+
+def _create_mountpoint(path: str) -> None:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise MountError(f"cannot be created: {e.strerror}", path=path) from None

@@ -57,6 +57,8 @@ class Resolved:
     spec: ImageSpec
     info: detect.ImageInfo
     chain: tuple[str, ...] = field(default=())
+    #: The mount point does not exist yet: create it before mounting, remove it after.
+    creates_mountpoint: bool = False
 
 
 def _serving_pid(path: str) -> int | None:
@@ -114,6 +116,22 @@ def _check_writable(path: str) -> None:
             f"is not writable ({e.strerror}); use -r to export it read-only", path=path
         ) from None
     os.close(fd)
+
+
+def _check_mountpoint(path: str) -> bool:
+    """Check a mount point named with -m; return whether it has to be created."""
+    check_not_mounted(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(path)):
+            raise MountError("cannot be created: its folder does not exist", path=path) from None
+        return True
+    if stat.S_ISDIR(st.st_mode):
+        raise MountError("is a directory; the mount point must be a file", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise MountError("is not a regular file; the mount point must be a file", path=path)
+    return False
 
 
 def _probe(path: str, *, error: type[ImageError] = ImageError) -> detect.ImageInfo:
@@ -226,8 +244,7 @@ def resolve(
         if backing != "any":
             data_file = _data_file(info, real)
     target = os.path.abspath(mountpoint) if mountpoint else real
-    if target != real:
-        check_not_mounted(target)
+    creates = target != real and _check_mountpoint(target)
     spec = ImageSpec(
         image=real,
         layers=(Layer(real, fmt, read_only=read_only), *chain),
@@ -237,7 +254,7 @@ def resolve(
         data_file=data_file,
         slice=slice,
     )
-    return Resolved(spec, info, tuple(layer.path for layer in chain))
+    return Resolved(spec, info, tuple(layer.path for layer in chain), creates)
 
 
 def resolve_all(images: Sequence[str], options: ImageOptions) -> list[Resolved]:

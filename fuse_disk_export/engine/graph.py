@@ -8,8 +8,9 @@ path is absolute and travels inside QMP JSON, so QEMU never parses it as option 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Backing = Literal["safe", "none", "any"]
@@ -80,9 +81,13 @@ class Tuning:
     allow_other: AllowOther = "auto"
     cache_direct: bool = False
     cache_no_flush: bool = False
+    #: Flush after every write (qemu-nbd's writethrough and directsync cache modes).
+    writethrough: bool = False
     aio: str | None = None
     discard: str = "unmap"
     detect_zeroes: str = "off"
+    #: Also serve every exported node over NBD on this Unix socket (absolute path).
+    nbd_socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class ExportPlan:
     node_name: str
     mountpoint: str
     writable: bool
+    nbd_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,19 +210,72 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
     return steps, below
 
 
+def nbd_names(specs: Sequence[ImageSpec]) -> list[str]:
+    """NBD export names: each image's file name, made unique within the invocation."""
+    names: list[str] = []
+    for spec in specs:
+        name = os.path.basename(spec.mountpoint)
+        candidate, n = name, 1
+        while candidate in names:
+            n += 1
+            candidate = f"{name}.{n}"
+        names.append(candidate)
+    return names
+
+
+def _nbd_steps(
+    specs: Sequence[ImageSpec], tops: Sequence[str], tuning: Tuning, socket_path: str
+) -> tuple[list[Step], list[str]]:
+    names = nbd_names(specs)
+    steps = [
+        Step(
+            socket_path,
+            Command("nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket_path}}}),
+            Command("nbd-server-stop", {}),
+        )
+    ]
+    for index, (spec, top, name) in enumerate(zip(specs, tops, names, strict=True)):
+        export_id = f"{_node_prefix(index)}-nbd"
+        args: dict[str, object] = {
+            "type": "nbd",
+            "id": export_id,
+            "node-name": top,
+            "name": name,
+            "writable": spec.writable,
+            "allocation-depth": True,
+            "writethrough": tuning.writethrough,
+        }
+        steps.append(
+            Step(
+                spec.image,
+                Command("block-export-add", args),
+                Command("block-export-del", {"id": export_id}),
+            )
+        )
+    return steps, names
+
+
 def plan(specs: Sequence[ImageSpec], tuning: Tuning | None = None) -> BlockGraph:
     """Plan the graph that exports every image in ``specs`` through one qemu-storage-daemon.
 
     Phase 1 opens every image; phase 2 mounts every export.  The image file is open before its
     own path is mounted over, which is what lets an image be exported on itself.
+
+    With ``tuning.nbd_socket``, each node is also exported over NBD.  QEMU 7.2 lets a writable
+    FUSE export take the "resize" permission, which an NBD export never shares, so the two cannot
+    both be on one node unless the FUSE side is read-only; the NBD side keeps the writes (a
+    writable NBD export does not need "resize").
     """
     tuning = tuning or Tuning()
     opens: list[Step] = []
     mounts: list[Step] = []
     exports: list[ExportPlan] = []
+    tops: list[str] = []
     for index, spec in enumerate(specs):
         steps, top = _image_steps(index, spec, tuning)
         opens.extend(steps)
+        tops.append(top)
+        fuse_writable = spec.writable and tuning.nbd_socket is None
         export_id = f"{_node_prefix(index)}-export"
         mounts.append(
             Step(
@@ -228,12 +287,18 @@ def plan(specs: Sequence[ImageSpec], tuning: Tuning | None = None) -> BlockGraph
                         "id": export_id,
                         "node-name": top,
                         "mountpoint": spec.mountpoint,
-                        "writable": spec.writable,
+                        "writable": fuse_writable,
                         "allow-other": tuning.allow_other,
+                        "writethrough": tuning.writethrough,
                     },
                 ),
                 Command("block-export-del", {"id": export_id}),
             )
         )
-        exports.append(ExportPlan(export_id, spec.image, top, spec.mountpoint, spec.writable))
+        exports.append(ExportPlan(export_id, spec.image, top, spec.mountpoint, fuse_writable))
+    if tuning.nbd_socket is not None:
+        # NBD exports go first: were they to fail, no FUSE mount has been made yet.
+        nbd, names = _nbd_steps(specs, tops, tuning, tuning.nbd_socket)
+        mounts[:0] = nbd
+        exports = [replace(e, nbd_name=n) for e, n in zip(exports, names, strict=True)]
     return BlockGraph((tuple(opens), tuple(mounts)), tuple(exports))

@@ -63,7 +63,7 @@ class Session:
 
     @property
     def mountpoints(self) -> list[str]:
-        return [str(s.do.args["mountpoint"]) for s in self._done if s.do.name == "block-export-add"]
+        return [str(s.do.args["mountpoint"]) for s in self._done if s.do.args.get("type") == "fuse"]
 
     async def run(self) -> None:
         """Bring the graph up, serve, revert.  Returns after a clean revert on a stop signal.
@@ -165,15 +165,13 @@ class Session:
                 try:
                     async with asyncio.timeout(EXPORT_DELETE_TIMEOUT):
                         while ids:
-                            event = await deleted.get()
-                            ids.discard(str(event.get("data", {}).get("id")))
+                            data = (await deleted.get()).get("data")
+                            if isinstance(data, dict):
+                                ids.discard(str(data.get("id")))
                 except TimeoutError:
                     log.warning("QEMU did not confirm removal of export(s) %s", ", ".join(ids))
-            left = await asyncio.to_thread(
-                mounts.wait_unmounted,
-                [str(s.do.args["mountpoint"]) for s in exports],
-                UNMOUNT_TIMEOUT,
-            )
+            fuse = [str(s.do.args["mountpoint"]) for s in exports if s.do.args["type"] == "fuse"]
+            left = await asyncio.to_thread(mounts.wait_unmounted, fuse, UNMOUNT_TIMEOUT)
             if left:
                 log.warning("still mounted after export removal: %s", ", ".join(left))
         results = await asyncio.gather(

@@ -1,0 +1,145 @@
+"""From parsed options to an `ExportRequest`: every path absolute, every image inspected.
+
+This runs in the invoking process, before any ``-d`` detach, so that relative paths resolve
+against the caller's directory and a bad image is reported right where the user is looking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from dataclasses import replace
+
+from fuse_disk_export.engine.graph import Tuning
+from fuse_disk_export.errors import MountError, UsageError
+from fuse_disk_export.export import ExportRequest
+from fuse_disk_export.images import ImageOptions, Resolved, resolve, resolve_all
+
+# qemu-nbd's --cache values, as (cache.direct, cache.no-flush, export writethrough).
+CACHE = {
+    "none": (True, False, False),
+    "writeback": (False, False, False),
+    "writethrough": (False, False, True),
+    "directsync": (True, False, True),
+    "unsafe": (False, True, False),
+}
+
+
+def _tuning(args: argparse.Namespace) -> Tuning:
+    direct, no_flush, writethrough = CACHE[args.cache]
+    if args.aio == "native" and not direct:
+        raise UsageError("--aio native needs --cache none or directsync (O_DIRECT)")
+    if args.detect_zeroes == "unmap" and args.discard != "unmap":
+        raise UsageError("--detect-zeroes unmap needs --discard unmap")
+    return Tuning(
+        allow_other=args.allow_other,
+        cache_direct=direct,
+        cache_no_flush=no_flush,
+        writethrough=writethrough,
+        aio=args.aio,
+        discard=args.discard,
+        detect_zeroes=args.detect_zeroes,
+        nbd_socket=_nbd_socket(args.nbd_socket) if args.nbd_socket else None,
+    )
+
+
+def _nbd_socket(path: str) -> str:
+    path = os.path.abspath(path)
+    # QEMU unlinks whatever is at the socket path before binding: never let it meet a file.
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    what = "a socket (in use or left over)" if stat.S_ISSOCK(mode) else "an existing file"
+    raise UsageError(f"--nbd-socket: {path} is {what}; give a path that does not exist")
+
+
+def _mountpoints(args: argparse.Namespace) -> list[str | None]:
+    if args.mountpoint and args.mountpoint_dir:
+        raise UsageError("-m/--mountpoint and --mountpoint-dir exclude each other")
+    if args.mountpoint:
+        if len(args.images) > 1:
+            raise UsageError(
+                "-m/--mountpoint takes one image; use --mountpoint-dir DIR for several"
+            )
+        return [args.mountpoint]
+    if args.mountpoint_dir:
+        directory = os.path.abspath(args.mountpoint_dir)
+        if not os.path.isdir(directory):
+            raise MountError("is not a directory", path=directory)
+        return [os.path.join(directory, os.path.basename(image)) for image in args.images]
+    return [None] * len(args.images)
+
+
+def _options(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(format=args.format, read_only=args.read_only, backing=args.backing)
+
+
+def _with_partitions(images: list[Resolved], number: int) -> list[Resolved]:
+    from fuse_disk_export.tables import partition_slice, read_tables
+
+    tables = read_tables([r.spec for r in images])
+    return [
+        replace(r, spec=replace(r.spec, slice=partition_slice(t, number, r.spec.image)))
+        for r, t in zip(images, tables, strict=True)
+    ]
+
+
+def build_request(args: argparse.Namespace) -> ExportRequest:
+    """Inspect every image and decide how to export it.
+
+    :raise FdeError: a bad image, option or mount point (nothing has been started).
+    """
+    options = _options(args)
+    targets = _mountpoints(args)
+    if any(targets):
+        images = [
+            resolve(i, options, mountpoint=m) for i, m in zip(args.images, targets, strict=True)
+        ]
+        seen = [r.spec.mountpoint for r in images]
+        if len(set(seen)) != len(seen):
+            raise UsageError("two images would be exported on the same mount point")
+    else:
+        images = resolve_all(args.images, options)
+    if args.partition is not None:
+        images = _with_partitions(images, args.partition)
+    return ExportRequest(
+        images=images,
+        tuning=_tuning(args),
+        pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
+        quiet=args.quiet,
+    )
+
+
+def list_partitions(args: argparse.Namespace) -> int:
+    """``--list-partitions``: print each image's table; export nothing."""
+    from fuse_disk_export.partitions import TABLE_HEADINGS, format_table
+    from fuse_disk_export.tables import read_tables
+
+    options = replace(_options(args), read_only=True)
+    images = [resolve(image, options) for image in args.images]
+    tables = read_tables([r.spec for r in images])
+    for r, table in zip(images, tables, strict=True):
+        rows = format_table(table)
+        scheme = table.scheme.upper() if table.scheme != "none" else "no"
+        title = f"{r.spec.image}: {scheme} partition table"
+        if sys.stdout.isatty():
+            from rich.console import Console
+            from rich.table import Table
+
+            view = Table(*TABLE_HEADINGS, title=title)
+            for row in rows:
+                view.add_row(*row)
+            Console().print(view)
+        else:
+            print(title)
+            widths = [
+                max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(TABLE_HEADINGS)
+            ]
+            for row in [TABLE_HEADINGS, *rows]:
+                print(
+                    "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                )
+    return 0
