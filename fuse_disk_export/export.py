@@ -12,16 +12,17 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuse_disk_export import state
+from fuse_disk_export import notify, state
 from fuse_disk_export.daemonize import Reporter
 from fuse_disk_export.engine.graph import Tuning, plan
 from fuse_disk_export.engine.session import Session
 from fuse_disk_export.errors import FdeError, MountError
 from fuse_disk_export.images import Resolved
+from fuse_disk_export.prepare import Preparation, Prepared, prepared
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class ExportRequest:
     tuning: Tuning = field(default_factory=Tuning)
     pid_file: str | None = None
     quiet: bool = False
+    #: Per image: overlay and snapshot server to prepare (empty: none for any image).
+    preparations: Sequence[Preparation] = ()
+    #: QMP secret objects to create, id -> passphrase.
+    secrets: Mapping[str, str] = field(default_factory=dict)
 
 
 def _write_pid_file(path: str) -> None:
@@ -55,12 +60,14 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
     :param reporter: the waiting parent of a ``-d`` run, told once live or failed.
     :raise FdeError: setup failed (already rolled back) or the daemon died while serving.
     """
-    graph = plan([r.spec for r in request.images], request.tuning)
-    for line in graph.describe():
-        log.debug("plan: %s", line)
     since = time.time()
+    specs = [r.spec for r in request.images]
+    needs = request.preparations or [Preparation()] * len(specs)
+    ready: Prepared | None = None
 
     def on_live(session: Session) -> None:
+        if ready is not None:
+            ready.forget_overlays()
         if request.pid_file:
             _write_pid_file(request.pid_file)
         assert session.daemon is not None
@@ -79,26 +86,32 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
                 for r in request.images
             ]
         )
-        log.info("live: %s", ", ".join(r.spec.mountpoint for r in request.images))
+        live = ", ".join(r.spec.mountpoint for r in request.images)
+        log.info("live: %s", live)
+        notify.ready(f"Exporting {live}")
         if reporter is not None:
             reporter.ready()
         elif not request.quiet:
             print(READY_LINE, flush=True)
 
-    session = Session(graph, on_live=on_live)
     created: list[str] = []
     try:
         for r in request.images:
             if r.creates_mountpoint:
                 _create_mountpoint(r.spec.mountpoint)
                 created.append(r.spec.mountpoint)
-        asyncio.run(session.run())
+        with prepared(specs, needs) as ready:
+            graph = plan(ready.specs, request.tuning, request.secrets)
+            for line in graph.describe():
+                log.debug("plan: %s", line)
+            asyncio.run(Session(graph, on_live=on_live).run())
     except FdeError as e:
         if reporter is not None and reporter.pending:
             reporter.failed(e)
             return e.exit_status
         raise
     finally:
+        notify.stopping()
         state.unregister()
         if request.pid_file:
             _remove_pid_file(request.pid_file)

@@ -38,7 +38,11 @@ PROBED_FORMATS = frozenset(
 )
 # Formats QEMU can only open read-only.
 READ_ONLY_FORMATS = frozenset({"dmg", "bochs", "cloop"})
+# QMP id of the secret object that holds the passphrase of encrypted images.
+SECRET_ID = "fde-secret0"
 MAX_CHAIN = 64
+# How long a FUSE server already mounted on a path we are given may take to answer.
+MOUNT_CHECK_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class ImageOptions:
     format: str | None = None
     read_only: bool = False
     backing: Backing = "safe"
+    #: Writes go to a temporary overlay: the image itself is opened read-only.
+    snapshot: bool = False
+    #: Export this internal snapshot (read-only) instead of the image's current state.
+    load_snapshot: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,31 +83,57 @@ def check_not_mounted(path: str, *, what: str = "") -> None:
     if entry is None:
         return
     prefix = f"{what} " if what else ""
-    if entry.is_fuse and mounts.is_dead(path):
+    # Never stat() it: a dead FUSE mount answers from the attribute cache, a stopped one hangs.
+    health = mounts.fuse_state(path, MOUNT_CHECK_TIMEOUT) if entry.is_fuse else "live"
+    if health == "dead":
         raise MountError(
             f"{prefix}is a dead FUSE mount (Transport endpoint is not connected); "
             f"clean it up with: fusermount3 -u -z '{path}'",
             path=path,
         )
     pid = _serving_pid(path)
-    by = f" by fuse-disk-export pid {pid}" if pid else f" ({entry.fstype} from {entry.source})"
-    raise MountError(f"{prefix}is already a mount point: exported{by}", path=path)
+    if pid:
+        by = f"exported by fuse-disk-export pid {pid}"
+    else:
+        servers = [
+            f"pid {p} ({mounts.process_name(p) or '?'})" for p in mounts.fuse_server_pids(entry)
+        ]
+        by = f"{entry.fstype} from {entry.source}"
+        by += f", served by {', '.join(servers)}" if servers else ""
+    if health == "unresponsive":
+        raise MountError(
+            f"{prefix}is already a mount point ({by}) whose server does not answer "
+            "(stopped or hung)",
+            path=path,
+        )
+    raise MountError(f"{prefix}is already a mount point: {by}", path=path)
 
 
-def _regular_file(path: str, *, error: type[ImageError] = ImageError, what: str = "") -> None:
+def _regular_file(
+    path: str,
+    *,
+    error: type[ImageError] = ImageError,
+    what: str = "",
+    owner: str | None = None,
+) -> None:
+    """Refuse anything but a regular file; ``owner``, if given, is the file the error names."""
     prefix = f"{what} " if what else ""
+    about = owner or path
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise error(f"{prefix}no such file", path=path) from None
+        raise error(f"{prefix}no such file", path=about) from None
     except PermissionError:
-        raise error(f"{prefix}permission denied", path=path) from None
+        raise error(f"{prefix}permission denied", path=about) from None
     except OSError as e:
-        raise error(f"{prefix}cannot be read: {e.strerror}", path=path) from None
+        raise error(f"{prefix}cannot be read: {e.strerror}", path=about) from None
     if stat.S_ISDIR(st.st_mode):
-        raise error(f"{prefix}is a directory, not an image file", path=path)
+        raise error(f"{prefix}is a directory, not an image file", path=about)
     if not stat.S_ISREG(st.st_mode):
-        raise error(f"{prefix}is not a regular file (a device or special file)", path=path)
+        raise error(f"{prefix}is not a regular file (a device or special file)", path=about)
+    if owner is None and st.st_size == 0:
+        # QEMU exports it as a 0-byte file that takes no write: almost surely not what was meant.
+        raise error(f"{prefix}is empty (0 bytes); nothing to export", path=about)
 
 
 def _check_writable(path: str) -> None:
@@ -134,11 +168,14 @@ def _check_mountpoint(path: str) -> bool:
     return False
 
 
-def _probe(path: str, *, error: type[ImageError] = ImageError) -> detect.ImageInfo:
+def _probe(
+    path: str, *, error: type[ImageError] = ImageError, what: str = "", owner: str | None = None
+) -> detect.ImageInfo:
     try:
         return detect.probe(path)
     except ImageError as e:
-        raise error(e.reason, path=path) from None
+        prefix = f"{what} " if what else ""
+        raise error(prefix + e.reason, path=owner or path) from None
 
 
 def _plain_reference(ref: str, *, owner: str, kind: str) -> str:
@@ -161,14 +198,36 @@ def _plain_reference(ref: str, *, owner: str, kind: str) -> str:
 def _data_file(info: detect.ImageInfo, image: str) -> str | None:
     if info.data_file is None:
         return None
-    path = _plain_reference(info.data_file, owner=image, kind="external data file")
-    if os.path.dirname(path) != os.path.dirname(image):
+    return _file_beside(info.data_file, owner=image, kind="external data file")
+
+
+def _file_beside(ref: str, *, owner: str, kind: str) -> str:
+    """A file an image keeps its own data in: a plain path to a regular file in its folder."""
+    path = _plain_reference(ref, owner=owner, kind=kind)
+    if os.path.dirname(path) != os.path.dirname(owner):
         raise BackingError(
-            f"external data file {info.data_file!r} lies outside the image's folder; refused",
-            path=image,
+            f"{kind} {ref!r} lies outside the image's folder; refused "
+            "(--backing=any lets QEMU follow it)",
+            path=owner,
         )
-    _regular_file(path, error=BackingError, what=f"external data file {info.data_file!r}:")
+    check_not_mounted(path, what=f"{kind} {ref!r}:")
+    _regular_file(path, error=BackingError, what=f"{kind} {ref!r}:", owner=owner)
     return path
+
+
+def _check_extents(image: str) -> None:
+    """Refuse a VMDK descriptor whose extents are anything but files beside it.
+
+    QEMU opens every extent a descriptor names, absolute paths and devices included: for our
+    purposes an extent is an external data file.
+    """
+    try:
+        extents = detect.vmdk_extent_files(image)
+    except ImageError as e:
+        raise BackingError(e.reason, path=image) from None
+    for ref in extents:
+        path = _file_beside(ref, owner=image, kind="vmdk extent")
+        log.info("%s: vmdk extent %r -> %s", image, ref, path)
 
 
 def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
@@ -184,18 +243,25 @@ def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
         if path in seen:
             raise BackingError(f"backing file {ref!r} makes the chain loop", path=owner)
         seen.add(path)
-        check_not_mounted(path, what=f"backing file {ref!r}:")
-        _regular_file(path, error=BackingError, what=f"backing file {ref!r}:")
-        below = _probe(path, error=BackingError)
+        what = f"backing file {ref!r}:"
+        check_not_mounted(path, what=what)
+        _regular_file(path, error=BackingError, what=what, owner=owner)
+        below = _probe(path, error=BackingError, what=what, owner=owner)
+        fmt = current.backing_format or below.format
+        if fmt != below.format:
+            # The header names the format (e.g. raw): QEMU opens it as that and follows nothing
+            # from its content.
+            below = detect.ImageInfo(fmt, None)
         if below.data_file is not None:
             raise BackingError(
                 f"backing file {ref!r} has an external data file; refused "
                 "(--backing=any lets QEMU follow it)",
                 path=owner,
             )
-        fmt = current.backing_format or below.format
         if fmt == "luks" or below.encrypted:
             raise BackingError(f"backing file {ref!r} is encrypted; not supported", path=owner)
+        if fmt == "vmdk":
+            _check_extents(path)
         layers.append(Layer(path, fmt, read_only=True))
         log.info("%s: backing file %r -> %s (%s)", owner, ref, path, fmt)
         owner, current = path, below
@@ -229,12 +295,19 @@ def resolve(
         raise ImageError(
             f"is not a {format} image (its content looks like {info.format})", path=real
         )
-    if fmt == "luks" or (info.encrypted and fmt == info.format):
-        raise ImageError("is encrypted; encrypted images are not supported yet", path=real)
-    if fmt in READ_ONLY_FORMATS and not read_only:
-        log.warning("%s: QEMU opens %s images read-only; exporting read-only", real, fmt)
+    probed = fmt == info.format
+    encrypted = fmt == "luks" or (info.encrypted and probed)
+    if options.load_snapshot is not None:
+        if fmt != "qcow2":
+            raise ImageError(f"is {fmt}; internal snapshots (-l) need qcow2", path=real)
+        if not read_only:
+            log.info("%s: an internal snapshot is exported read-only", real)
+            read_only = True
+    if (fmt in READ_ONLY_FORMATS or (info.read_only and probed)) and not read_only:
+        log.warning("%s: QEMU opens this %s image read-only; exporting read-only", real, fmt)
         read_only = True
-    if not read_only:
+    opened_read_only = read_only or options.snapshot
+    if not opened_read_only:
         _check_writable(real)
     chain: tuple[Layer, ...] = ()
     data_file = None
@@ -243,16 +316,19 @@ def resolve(
             chain = _walk_chain(real, info)
         if backing != "any":
             data_file = _data_file(info, real)
+            if fmt == "vmdk":
+                _check_extents(real)
     target = os.path.abspath(mountpoint) if mountpoint else real
     creates = target != real and _check_mountpoint(target)
     spec = ImageSpec(
         image=real,
-        layers=(Layer(real, fmt, read_only=read_only), *chain),
+        layers=(Layer(real, fmt, read_only=opened_read_only), *chain),
         mountpoint=target,
         writable=not read_only,
         backing=backing,
         data_file=data_file,
         slice=slice,
+        key_secret=SECRET_ID if encrypted else None,
     )
     return Resolved(spec, info, tuple(layer.path for layer in chain), creates)
 

@@ -13,9 +13,10 @@ import sys
 from dataclasses import replace
 
 from fuse_disk_export.engine.graph import Tuning
-from fuse_disk_export.errors import MountError, UsageError
+from fuse_disk_export.errors import ImageError, MountError, UsageError
 from fuse_disk_export.export import ExportRequest
-from fuse_disk_export.images import ImageOptions, Resolved, resolve, resolve_all
+from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
+from fuse_disk_export.prepare import Preparation
 
 # qemu-nbd's --cache values, as (cache.direct, cache.no-flush, export writethrough).
 CACHE = {
@@ -74,13 +75,62 @@ def _mountpoints(args: argparse.Namespace) -> list[str | None]:
 
 
 def _options(args: argparse.Namespace) -> ImageOptions:
-    return ImageOptions(format=args.format, read_only=args.read_only, backing=args.backing)
+    if args.snapshot and args.load_snapshot:
+        raise UsageError("-l/--load-snapshot exports read-only; it cannot be used with --snapshot")
+    return ImageOptions(
+        format=args.format,
+        read_only=args.read_only,
+        backing=args.backing,
+        snapshot=args.snapshot,
+        load_snapshot=args.load_snapshot,
+    )
 
 
-def _with_partitions(images: list[Resolved], number: int) -> list[Resolved]:
+def _secrets(args: argparse.Namespace, images: list[Resolved]) -> dict[str, str]:
+    """The passphrase for encrypted images: first line of --passphrase-file, or asked."""
+    locked = [r.spec.image for r in images if r.spec.key_secret]
+    if not locked:
+        return {}
+    if args.passphrase_file:
+        try:
+            with open(args.passphrase_file, encoding="utf-8") as f:
+                passphrase = f.read().split("\n", 1)[0]
+        except OSError as e:
+            raise UsageError(f"cannot read: {e.strerror}", path=args.passphrase_file) from None
+    elif sys.stdin.isatty():
+        import getpass
+
+        passphrase = getpass.getpass(f"Passphrase for {', '.join(locked)}: ")
+    else:
+        raise UsageError("is encrypted: give --passphrase-file FILE", path=locked[0])
+    return {SECRET_ID: passphrase}
+
+
+def _preparations(args: argparse.Namespace, images: list[Resolved]) -> list[Preparation]:
+    if not (args.snapshot or args.load_snapshot):
+        return []
+    needs = []
+    for r in images:
+        size = None
+        if args.snapshot:
+            probed = r.spec.layers[0].format == r.info.format
+            size = r.info.virtual_size if probed else os.path.getsize(r.spec.image)
+            if size is None:
+                raise ImageError(
+                    "--snapshot needs the image's virtual size, which is not known for "
+                    f"{r.info.format} images",
+                    path=r.spec.image,
+                )
+        needs.append(Preparation(overlay_size=size, load_snapshot=args.load_snapshot))
+    return needs
+
+
+def _with_partitions(
+    images: list[Resolved], number: int, secrets: dict[str, str]
+) -> list[Resolved]:
     from fuse_disk_export.tables import partition_slice, read_tables
 
-    tables = read_tables([r.spec for r in images])
+    tables = read_tables([r.spec for r in images], secrets)
     return [
         replace(r, spec=replace(r.spec, slice=partition_slice(t, number, r.spec.image)))
         for r, t in zip(images, tables, strict=True)
@@ -103,13 +153,18 @@ def build_request(args: argparse.Namespace) -> ExportRequest:
             raise UsageError("two images would be exported on the same mount point")
     else:
         images = resolve_all(args.images, options)
+    secrets = _secrets(args, images)
     if args.partition is not None:
-        images = _with_partitions(images, args.partition)
+        if args.load_snapshot:
+            raise UsageError("-P/--partition cannot be combined with -l/--load-snapshot")
+        images = _with_partitions(images, args.partition, secrets)
     return ExportRequest(
         images=images,
         tuning=_tuning(args),
         pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
         quiet=args.quiet,
+        preparations=_preparations(args, images),
+        secrets=secrets,
     )
 
 
@@ -120,7 +175,7 @@ def list_partitions(args: argparse.Namespace) -> int:
 
     options = replace(_options(args), read_only=True)
     images = [resolve(image, options) for image in args.images]
-    tables = read_tables([r.spec for r in images])
+    tables = read_tables([r.spec for r in images], _secrets(args, images))
     for r, table in zip(images, tables, strict=True):
         rows = format_table(table)
         scheme = table.scheme.upper() if table.scheme != "none" else "no"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, plan
@@ -41,7 +41,9 @@ def _read(path: str, image: str) -> PartitionTable:
             raise PartitionError(e.reason, path=image) from None
 
 
-def read_tables(specs: Sequence[ImageSpec]) -> list[PartitionTable]:
+def read_tables(
+    specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None = None
+) -> list[PartitionTable]:
     """The partition table of each image's virtual disk (scheme "none" when it has none).
 
     :raise PartitionError: a table is malformed (the error names the image and the table).
@@ -59,7 +61,7 @@ def read_tables(specs: Sequence[ImageSpec]) -> list[PartitionTable]:
             tables.extend(_read(view.mountpoint, view.image) for view in views)
             session.request_stop("done")
 
-        asyncio.run(Session(plan(views), on_live=on_live).run())
+        asyncio.run(Session(plan(views, secrets=secrets), on_live=on_live).run())
         return tables
 
 

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +48,18 @@ def describe_exit(status: int) -> str:
 
 def _is_lock_error(message: str) -> bool:
     return "lock" in message and ("Failed to get" in message or "another process" in message)
+
+
+class _RedactSecrets(logging.Filter):
+    """Keep passphrases out of ``-v`` output and logs: mask the data of secret objects."""
+
+    _data = re.compile(r'("data":\s*)"(?:[^"\\]|\\.)*"')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if '"secret"' in text and '"data"' in text:
+            record.msg, record.args = self._data.sub(r'\1"***"', text), None
+        return True
 
 
 class StorageDaemon:
@@ -99,6 +112,7 @@ class StorageDaemon:
         finally:
             theirs.close()
         qmp = QMPClient("qemu-storage-daemon")
+        qmp.logger.addFilter(_RedactSecrets())
         try:
             await qmp.connect(ours)
         except QMPError as e:

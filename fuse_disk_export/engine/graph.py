@@ -9,7 +9,7 @@ path is absolute and travels inside QMP JSON, so QEMU never parses it as option 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -72,6 +72,12 @@ class ImageSpec:
     backing: Backing = "safe"
     data_file: str | None = None
     slice: Slice | None = None
+    #: QMP id of the secret object that unlocks the top layer (LUKS, or qcow2 with LUKS).
+    key_secret: str | None = None
+    #: A temporary qcow2 (already created, empty) that takes every write (``--snapshot``).
+    overlay: str | None = None
+    #: Unix socket of a read-only NBD server standing in for ``layers`` (``--load-snapshot``).
+    nbd_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,15 @@ class BlockGraph:
             yield from phase
 
     def describe(self) -> list[str]:
-        """Human-readable lines for ``-v``: every command in order."""
-        return [f"{s.do.name} {s.do.args}" for s in self.all_steps()]
+        """Human-readable lines for ``-v``: every command in order, secrets masked."""
+        return [
+            f"{s.do.name} {redact(s.do.args) if s.do.name == 'object-add' else s.do.args}"
+            for s in self.all_steps()
+        ]
+
+
+def redact(args: dict[str, object]) -> dict[str, object]:
+    return {k: "***" if k == "data" else v for k, v in args.items()}
 
 
 def _node_prefix(index: int) -> str:
@@ -176,8 +189,8 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
         )
         return name
 
-    layers = spec.layers if spec.backing == "safe" else spec.layers[:1]
-    below: str | None = None
+    below = add(_nbd_client(prefix, spec.nbd_source)) if spec.nbd_source else None
+    layers = () if spec.nbd_source else spec.layers if spec.backing == "safe" else spec.layers[:1]
     # Open from the bottom of the chain up, so each overlay can name the node below it.
     for depth in range(len(layers) - 1, -1, -1):
         layer = layers[depth]
@@ -194,8 +207,27 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
             fmt["data-file"] = add(
                 _protocol_node(f"{prefix}-data", spec.data_file, read_only, tuning)
             )
+        if top and spec.key_secret is not None:
+            if layer.format == "luks":
+                fmt["key-secret"] = spec.key_secret
+            else:
+                fmt["encrypt"] = {"format": "luks", "key-secret": spec.key_secret}
         below = add(fmt)
     assert below is not None, "an image has at least one layer"
+    if spec.overlay is not None:
+        # The temporary overlay's backing is the node already open, never a path: the image's
+        # own path is about to be mounted over.
+        overlay_file = add(_protocol_node(f"{prefix}-ovlfile", spec.overlay, False, tuning))
+        below = add(
+            {
+                "driver": "qcow2",
+                "node-name": f"{prefix}-overlay",
+                "file": overlay_file,
+                "backing": below,
+                "discard": tuning.discard,
+                "detect-zeroes": tuning.detect_zeroes,
+            }
+        )
     if spec.slice is not None:
         below = add(
             {
@@ -208,6 +240,26 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
             }
         )
     return steps, below
+
+
+def _nbd_client(prefix: str, socket_path: str) -> dict[str, object]:
+    return {
+        "driver": "nbd",
+        "node-name": f"{prefix}-snap",
+        "server": {"type": "unix", "path": socket_path},
+        "read-only": True,
+    }
+
+
+def _secret_steps(secrets: Mapping[str, str]) -> list[Step]:
+    return [
+        Step(
+            f"secret {key}",
+            Command("object-add", {"qom-type": "secret", "id": key, "data": value}),
+            Command("object-del", {"id": key}),
+        )
+        for key, value in secrets.items()
+    ]
 
 
 def nbd_names(specs: Sequence[ImageSpec]) -> list[str]:
@@ -255,7 +307,11 @@ def _nbd_steps(
     return steps, names
 
 
-def plan(specs: Sequence[ImageSpec], tuning: Tuning | None = None) -> BlockGraph:
+def plan(
+    specs: Sequence[ImageSpec],
+    tuning: Tuning | None = None,
+    secrets: Mapping[str, str] | None = None,
+) -> BlockGraph:
     """Plan the graph that exports every image in ``specs`` through one qemu-storage-daemon.
 
     Phase 1 opens every image; phase 2 mounts every export.  The image file is open before its
@@ -267,7 +323,7 @@ def plan(specs: Sequence[ImageSpec], tuning: Tuning | None = None) -> BlockGraph
     writable NBD export does not need "resize").
     """
     tuning = tuning or Tuning()
-    opens: list[Step] = []
+    opens: list[Step] = _secret_steps(secrets or {})
     mounts: list[Step] = []
     exports: list[ExportPlan] = []
     tops: list[str] = []

@@ -1,0 +1,141 @@
+"""Files and helper processes an export needs before its graph can be planned, and their removal.
+
+``--snapshot`` needs an empty temporary qcow2 to take the writes; ``--load-snapshot`` needs a
+read-only qemu-nbd serving the internal snapshot (qemu-storage-daemon has no QMP command that
+loads one).  `prepared` makes them, hands back the specs that use them, and removes them whatever
+happens — the overlay is unlinked as soon as QEMU holds it open, so not even a SIGKILL leaves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from fuse_disk_export.engine.graph import ImageSpec
+from fuse_disk_export.errors import ImageError, RequirementError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What each image needs besides its own files."""
+
+    #: Virtual size of the disk the overlay goes on (``--snapshot``); None: no overlay.
+    overlay_size: int | None = None
+    #: Internal snapshot to serve through qemu-nbd (``--load-snapshot``); None: the image itself.
+    load_snapshot: str | None = None
+
+
+@dataclass
+class Prepared:
+    specs: list[ImageSpec]
+    directory: str = ""
+    overlays: list[str] = field(default_factory=list)
+    servers: list[int] = field(default_factory=list)
+
+    def forget_overlays(self) -> None:
+        """Unlink the overlays once QEMU has them open: nothing is left even after a SIGKILL."""
+        for path in self.overlays:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)  # only once empty: snapshot sockets may still be in it
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RequirementError(f"{name} not found (Debian package qemu-utils)")
+    return path
+
+
+def _create_overlay(directory: str, spec: ImageSpec, size: int) -> str:
+    fd, path = tempfile.mkstemp(prefix="overlay-", suffix=".qcow2", dir=directory)
+    os.close(fd)
+    result = subprocess.run(
+        [_tool("qemu-img"), "create", "-q", "-f", "qcow2", path, str(size)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        os.unlink(path)
+        raise ImageError(
+            f"cannot create the temporary overlay: {result.stderr.strip()}", path=spec.image
+        )
+    return path
+
+
+def _serve_snapshot(directory: str, spec: ImageSpec, name: str) -> tuple[str, int]:
+    """Start a read-only qemu-nbd on the internal snapshot; return its socket and pid.
+
+    ``--fork`` returns once the socket listens; without ``--persistent`` qemu-nbd exits when its
+    one client (our NBD node) disconnects, so it cannot outlive the export.
+    """
+    socket_path = os.path.join(directory, f"snapshot-{len(os.listdir(directory))}.sock")
+    pid_file = socket_path + ".pid"
+    layer = spec.layers[0]
+    result = subprocess.run(
+        [
+            _tool("qemu-nbd"),
+            "--fork",
+            "--read-only",
+            "--pid-file",
+            pid_file,
+            "--socket",
+            socket_path,
+            "--format",
+            layer.format,
+            "--load-snapshot",
+            name,
+            layer.path,
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise ImageError(
+            f"cannot load snapshot {name!r}: {reason.removeprefix('qemu-nbd: ')}", path=spec.image
+        )
+    with open(pid_file) as f:
+        return socket_path, int(f.read())
+
+
+@contextlib.contextmanager
+def prepared(specs: Sequence[ImageSpec], needs: Sequence[Preparation]) -> Iterator[Prepared]:
+    """Specs with overlays and snapshot servers in place; everything removed on exit."""
+    if not any(n.overlay_size is not None or n.load_snapshot for n in needs):
+        yield Prepared(list(specs))
+        return
+    with tempfile.TemporaryDirectory(
+        prefix="fuse-disk-export-", ignore_cleanup_errors=True
+    ) as directory:
+        result = Prepared([], directory)
+        try:
+            for spec, need in zip(specs, needs, strict=True):
+                if need.load_snapshot:
+                    socket_path, pid = _serve_snapshot(directory, spec, need.load_snapshot)
+                    result.servers.append(pid)
+                    spec = replace(spec, nbd_source=socket_path)
+                if need.overlay_size is not None:
+                    overlay = _create_overlay(directory, spec, need.overlay_size)
+                    result.overlays.append(overlay)
+                    spec = replace(spec, overlay=overlay)
+                result.specs.append(spec)
+            yield result
+        finally:
+            result.forget_overlays()
+            for pid in result.servers:
+                # Ours (its pid file says so); normally gone already with its one client.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
