@@ -28,7 +28,15 @@ from typing import Final
 
 from fuse_disk_export.errors import ImageError
 
-__all__ = ["MAX_PROBE_BYTES", "ImageInfo", "ProbeLimitError", "probe", "probe_reader"]
+__all__ = [
+    "MAX_PROBE_BYTES",
+    "ImageInfo",
+    "ProbeLimitError",
+    "probe",
+    "probe_reader",
+    "vmdk_extent_files",
+    "vmdk_extent_files_reader",
+]
 
 #: The most bytes one probe reads, all reads together.  Headers are small; what is large (tables,
 #: descriptors, extension areas) is bounded below so that the worst case, vhdx, stays well under it.
@@ -1184,3 +1192,67 @@ def _vmdk_parent(src: _Source, offset: int) -> str | None:
     if end - start > _PATH_MAX:
         raise ImageError(f"vmdk parentFileNameHint is too long ({end - start} bytes)")
     return _name(desc[start:end])
+
+
+# --------------------------------------------------------------------------------------------
+# The files a VMDK descriptor names
+
+
+def vmdk_extent_files(path: str) -> tuple[str, ...]:
+    """The files QEMU will open as extents of the VMDK at ``path``, names exactly as stored.
+
+    Like a backing file, an extent may name any file or device on the host: the caller decides
+    whether to follow them.  Read within `MAX_PROBE_BYTES`, non-blocking like `probe`.
+
+    :raise ImageError: unreadable, not a VMDK, or a descriptor too long to see all its extents;
+        the error carries ``path``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise ImageError(e.strerror or str(e), path=path) from None
+    try:
+        size = os.fstat(fd).st_size
+        return vmdk_extent_files_reader(lambda off, length: _pread_fully(fd, off, length), size)
+    except ImageError as e:
+        if e.path is None:
+            e.path = path
+        raise
+    finally:
+        os.close(fd)
+
+
+def vmdk_extent_files_reader(read: Reader, size: int) -> tuple[str, ...]:
+    """`vmdk_extent_files` on a read function: the extents of a descriptor QEMU would open.
+
+    A sparse file holds its own data (empty answer) unless its header only points at an embedded
+    descriptor; a text descriptor is read from the start.  The lines counted are those QEMU opens:
+    ``RW``, a known extent type, a positive size.
+
+    :raise ImageError: not a VMDK, a malformed extent line, or a descriptor that goes on past the
+        `_DESC_LIMIT` bytes we read (QEMU would read further: we cannot vouch for the rest).
+    """
+    src = _Source(read, size)
+    head = src.read(0, _HEAD_BYTES)
+    if head.startswith(_VMDK4_MAGIC) and len(head) >= _SECTOR:
+        fields = _VMDK4.unpack_from(head, 4)
+        capacity, desc_off = fields[2], fields[4]
+        if capacity != 0 or not desc_off:
+            return ()
+        offset = desc_off * _SECTOR
+    elif head.startswith(_VMDK3_MAGIC):
+        return ()
+    elif _looks_like_vmdk_descriptor(head[:_PROBE_BUF]):
+        offset = 0
+    else:
+        raise ImageError("is not a vmdk image")
+    raw = src.read(offset, _DESC_LIMIT)
+    desc, nul, _ = raw.partition(b"\0")
+    if not nul and len(raw) == _DESC_LIMIT and offset + _DESC_LIMIT < size:
+        raise ImageError(f"vmdk descriptor is longer than {_DESC_LIMIT} bytes; refused")
+    names: list[str] = []
+    for line in desc.split(b"\n"):
+        m = _VMDK_EXTENT.match(line)
+        if m is not None and _vmdk_extent_sectors(line) > 0:
+            names.append(os.fsdecode(m.group(4)))
+    return tuple(names)

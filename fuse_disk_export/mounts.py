@@ -6,14 +6,18 @@ so every decision about a path is taken from mountinfo before the path itself is
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
 import select
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from fuse_disk_export.errors import RequirementError
 
@@ -28,6 +32,8 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    #: "major:minor" of the mounted file system (for FUSE, names the connection).
+    device: str = ""
 
     @property
     def is_fuse(self) -> bool:
@@ -64,7 +70,9 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         except ValueError:
             continue
         entries.append(
-            MountEntry(mount_id, _unescape(fields[4]), _unescape(rest[0]), _unescape(rest[1]))
+            MountEntry(
+                mount_id, _unescape(fields[4]), _unescape(rest[0]), _unescape(rest[1]), fields[2]
+            )
         )
     return entries
 
@@ -83,13 +91,98 @@ def mount_at(path: str, mounts: list[MountEntry] | None = None) -> MountEntry | 
     return found
 
 
-def is_dead(path: str) -> bool:
-    """Whether ``path`` is a FUSE mount whose server is gone (stat fails with ENOTCONN)."""
+FuseState = Literal["live", "dead", "unresponsive"]
+
+_AT_FDCWD = -100
+_AT_STATX_FORCE_SYNC = 0x2000
+_STATX_BASIC_STATS = 0x7FF
+
+
+def _getattr_from_server(path: str) -> int:
+    """stat ``path`` bypassing the kernel's attribute cache; 0 or the errno.
+
+    A FUSE server answers getattr with a validity period (QEMU: one second), during which plain
+    stat() succeeds from the cache even after the server has died.  statx(AT_STATX_FORCE_SYNC)
+    always asks the server.
+    """
+    statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+    if statx is None:  # a C library without statx: fall back to the cached answer
+        try:
+            os.stat(path)
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
+    buf = ctypes.create_string_buffer(256)  # struct statx is 256 bytes
+    flags = _AT_STATX_FORCE_SYNC
+    if statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_BASIC_STATS, buf) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
+
+
+def fuse_state(path: str, timeout: float = 1.0) -> FuseState:
+    """Whether the FUSE server behind ``path`` answers ("live"), is gone ("dead": ENOTCONN), or
+    does not answer within ``timeout`` seconds ("unresponsive": stopped, or hung).
+
+    The request is made from a daemon thread, so that a server that never answers cannot hang us;
+    the thread ends when the server answers, dies, or this process exits.
+    """
+    result: list[int] = []
+    worker = threading.Thread(
+        target=lambda: result.append(_getattr_from_server(path)), daemon=True, name="fuse-stat"
+    )
+    worker.start()
+    worker.join(timeout)
+    if not result:
+        return "unresponsive"
+    return "dead" if result[0] == errno.ENOTCONN else "live"
+
+
+def is_dead(path: str, timeout: float = 1.0) -> bool:
+    """Whether ``path`` is a FUSE mount whose server is gone (the kernel answers ENOTCONN)."""
+    return fuse_state(path, timeout) == "dead"
+
+
+def _connection_id(entry: MountEntry) -> int | None:
+    # fdinfo prints the connection as the kernel's dev_t: major << 20 | minor.
+    major, sep, minor = entry.device.partition(":")
+    if not sep or not major.isdigit() or not minor.isdigit():
+        return None
+    return int(major) << 20 | int(minor)
+
+
+def fuse_server_pids(entry: MountEntry) -> list[int]:
+    """The processes holding the /dev/fuse connection that serves ``entry``, where we can tell.
+
+    Read from /proc/PID/fdinfo (its ``fuse_connection`` line, Linux 6.x); empty when the kernel
+    does not say, when the processes are not ours to look at, or when nobody serves the mount.
+    """
+    wanted = _connection_id(entry)
+    if not entry.is_fuse or wanted is None:
+        return []
+    found: list[int] = []
+    for pid_dir in os.scandir("/proc"):
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{pid_dir.name}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd.path) != "/dev/fuse":
+                        continue
+                    with open(f"/proc/{pid_dir.name}/fdinfo/{fd.name}", encoding="ascii") as f:
+                        for line in f:
+                            key, _, value = line.partition(":")
+                            if key == "fuse_connection" and int(value) == wanted:
+                                found.append(int(pid_dir.name))
+    return sorted(set(found))
+
+
+def process_name(pid: int) -> str | None:
+    """The short command name of process ``pid`` (/proc/PID/comm), if it still runs."""
     try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def lazy_unmount(path: str) -> None:
