@@ -22,19 +22,30 @@ class Reporter:
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
-    def _send(self, message: dict[str, object]) -> None:
+    def _send(self, message: dict[str, object]) -> bool:
+        """Send ``message``; False if the parent was gone (killed, interrupted) and never got it."""
         if self._fd < 0:
-            return
+            return False
         try:
             os.write(self._fd, json.dumps(message).encode() + b"\n")
         except OSError:
-            pass  # the parent is gone (killed): nobody to tell
+            return False  # EPIPE: the parent is gone, nobody to tell
         finally:
             os.close(self._fd)
             self._fd = -1
+        return True
 
     def ready(self) -> None:
-        self._send({"ready": True})
+        """Tell the parent the exports are live.
+
+        :raise FdeError: the parent is gone: whoever started us was interrupted or killed before
+            the exports were live, so nobody knows they are; the caller reverts them.
+        """
+        if not self._send({"ready": True}):
+            raise FdeError(
+                "the invoking process was gone (interrupted or killed) before the exports were "
+                "live; reverted"
+            )
 
     def failed(self, error: FdeError) -> None:
         self._send({"ready": False, "message": str(error), "status": error.exit_status})

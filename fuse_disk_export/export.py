@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuse_disk_export import notify, state
+from fuse_disk_export import guard, notify, state
 from fuse_disk_export.daemonize import Reporter
 from fuse_disk_export.engine.graph import Tuning, plan
 from fuse_disk_export.engine.session import Session
@@ -70,6 +70,7 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             ready.forget_overlays()
         if request.pid_file:
             _write_pid_file(request.pid_file)
+            guard.remove_pid_file_when_gone(request.pid_file)
         assert session.daemon is not None
         state.register(
             [
