@@ -140,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("threads", "native", "io_uring"),
         help="AIO backend for the image files (native needs --cache none/directsync)",
     )
+    p.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="with -d: log here (default: syslog, if /dev/log exists)",
+    )
+    p.add_argument("--list", action="store_true", help="list live exports and exit")
+    p.add_argument("--json", action="store_true", help="with --list: print JSON")
+    p.add_argument(
+        "--stop",
+        nargs="+",
+        metavar="PATH|PID",
+        help="revert the exports serving PATH, or run by PID; wait until done",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument(
         "-v",
@@ -170,6 +183,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.list or args.stop:
+        return _manage(args)
+    if args.json:
+        raise UsageError("--json goes with --list")
+    if args.log_file and not args.daemonize:
+        raise UsageError("--log-file goes with -d (in the foreground, messages go to stderr)")
+
     from fuse_disk_export.export import serve
     from fuse_disk_export.request import build_request, list_partitions
 
@@ -181,16 +201,33 @@ def _run(args: argparse.Namespace) -> int:
     if not args.daemonize:
         return serve(request)
 
+    from fuse_disk_export import logs
     from fuse_disk_export.daemonize import Reporter, run_detached
 
+    log_file = logs.open_log_file(args.log_file) if args.log_file else None
+
     def work(reporter: Reporter) -> int:
+        logs.setup_daemon(log_file, verbose=args.verbose)
         try:
             return serve(request, reporter)
         except FdeError as e:
             log.error("%s", e)
             return e.exit_status
+        except Exception:
+            log.exception("internal error")
+            raise
 
-    return run_detached(work)
+    return run_detached(work, log_stream=log_file)
+
+
+def _manage(args: argparse.Namespace) -> int:
+    from fuse_disk_export import manage
+
+    if args.images or (args.list and args.stop):
+        raise UsageError("--list and --stop take no images and go alone")
+    if args.list:
+        return manage.list_exports(as_json=args.json)
+    return manage.stop(args.stop, quiet=args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 It lives under ``$XDG_RUNTIME_DIR/fuse-disk-export`` (or ``/run/fuse-disk-export`` for root
 without one) so that ``--list`` and ``--stop`` can find exports, and a refusal to mount over a live
 export can name the pid serving it.
-Entries whose process is gone are ignored and removed when read.
+Entries whose process is gone (or a zombie, or a new process that reuses the pid) are ignored and
+removed when read.  Writing is on the path to live and uses the standard library only; reading
+checks processes with psutil, imported there.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -28,6 +30,9 @@ class ExportRecord:
     pid: int
     daemon_pid: int
     since: float
+    #: When process ``pid`` started (seconds since the epoch, as psutil's ``create_time``), so
+    #: that a later process with the same pid is not taken for it.
+    started: float | None = None
 
 
 def registry_dir() -> Path:
@@ -57,11 +62,31 @@ def _entry_path(pid: int) -> Path:
     return registry_dir() / f"{pid}.json"
 
 
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started, computed as psutil's ``create_time`` does; None if gone.
+
+    Read straight from /proc because this runs on the path to live, where importing psutil would
+    cost about 50 ms.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            btime = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
+        # Field 22, starttime, counted after the command name, which may contain anything.
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK") + btime
+
+
 def register(records: list[ExportRecord]) -> None:
     """Record this process's live exports."""
     directory = registry_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     pid = records[0].pid if records else os.getpid()
+    started = process_start_time(pid)
+    records = [r if r.started is not None else replace(r, started=started) for r in records]
     write_atomically(_entry_path(pid), json.dumps([asdict(r) for r in records]), 0o600)
 
 
@@ -70,41 +95,54 @@ def unregister(pid: int | None = None) -> None:
         _entry_path(os.getpid() if pid is None else pid).unlink()
 
 
-def _alive(pid: int) -> bool:
-    # A zombie still answers kill -0: look at its state instead.
+# How far psutil's create_time may drift from the one recorded: both add the boot time, which the
+# kernel derives from the wall clock.  Taking a new process for ours would need it to reuse the
+# pid within that second, after ours had gone live, crashed, and the pids wrapped around.
+_START_TOLERANCE = 1.0
+
+
+def is_running(pid: int, started: float | None = None) -> bool:
+    """Whether ``pid`` runs (a zombie has exited) and, given ``started``, is the one recorded."""
+    import psutil  # type: ignore[import-untyped]
+
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return "Z" not in line.split()[1]
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < _START_TOLERANCE
+    except psutil.NoSuchProcess:
         return False
-    return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _read_entry(file: Path) -> list[ExportRecord]:
+    try:
+        raw = json.loads(file.read_text())
+        return [ExportRecord(**item) for item in raw]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def live_records() -> list[ExportRecord]:
     """Every export whose serving process still runs; stale entries are removed."""
-    directory = registry_dir()
     records: list[ExportRecord] = []
     try:
-        files = sorted(directory.glob("*.json"))
+        files = sorted(registry_dir().glob("*.json"))
     except OSError:
         return records
     for file in files:
-        try:
-            pid = int(file.stem)
-        except ValueError:
+        if not file.stem.isdigit():
             continue
-        if not _alive(pid):
+        entry = _read_entry(file)
+        if not entry:
+            continue  # gone meanwhile, or not ours to judge (entries are written atomically)
+        if not is_running(int(file.stem), entry[0].started):
             with contextlib.suppress(OSError):
                 file.unlink()
             continue
-        try:
-            raw = json.loads(file.read_text())
-            records.extend(ExportRecord(**item) for item in raw)
-        except (OSError, ValueError, TypeError):
-            continue
-    return records
+        records.extend(entry)
+    return sorted(records, key=lambda r: r.since)
 
 
 def find_by_mountpoint(path: str) -> ExportRecord | None:

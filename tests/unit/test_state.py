@@ -1,0 +1,88 @@
+"""The runtime registry: records written at live time, read back only while their process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from fuse_disk_export import state
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.usefixtures("registry")
+
+
+def record(pid: int, mountpoint: str = "/images/a.qcow2", **kw: object) -> state.ExportRecord:
+    fields: dict[str, object] = dict(
+        image=mountpoint,
+        format="qcow2",
+        virtual_size=1 << 30,
+        mountpoint=mountpoint,
+        writable=True,
+        pid=pid,
+        daemon_pid=pid + 1,
+        since=1.0,
+    )
+    fields.update(kw)
+    return state.ExportRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_start_time_agrees_with_psutil() -> None:
+    mine = state.process_start_time(os.getpid())
+    assert mine is not None
+    assert abs(mine - psutil.Process().create_time()) < 0.05
+    assert state.process_start_time(2**22 + 1) is None
+
+
+def test_register_then_list_then_unregister(registry: Path) -> None:
+    state.register([record(os.getpid(), "/images/a.qcow2"), record(os.getpid(), "/images/b.vmdk")])
+    assert (registry / f"{os.getpid()}.json").stat().st_mode & 0o777 == 0o600
+    listed = state.live_records()
+    assert [r.mountpoint for r in listed] == ["/images/a.qcow2", "/images/b.vmdk"]
+    assert all(r.started == state.process_start_time(os.getpid()) for r in listed)
+    found = state.find_by_mountpoint("/images/b.vmdk")
+    assert found is not None and found.pid == os.getpid()
+    state.unregister()
+    assert state.live_records() == []
+
+
+def test_dead_and_zombie_processes_are_dropped(registry: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    zombie = subprocess.Popen(["true"])  # not waited for until the end: a zombie meanwhile
+    try:
+        wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+        for pid in (dead.pid, zombie.pid):
+            state.register([record(pid, f"/images/{pid}.qcow2", started=None)])
+        assert state.live_records() == []
+        assert list(registry.glob("*.json")) == []
+    finally:
+        zombie.wait()
+
+
+def test_a_reused_pid_is_not_taken_for_ours(registry: Path) -> None:
+    mine = state.process_start_time(os.getpid())
+    assert mine is not None
+    state.register([record(os.getpid(), started=mine - 3600)])
+    assert state.live_records() == []
+    assert not (registry / f"{os.getpid()}.json").exists()
+
+
+def test_records_from_older_versions_still_load(registry: Path) -> None:
+    registry.mkdir(parents=True)
+    raw = {k: v for k, v in vars(record(os.getpid())).items() if k != "started"}
+    (registry / f"{os.getpid()}.json").write_text(json.dumps([raw]))
+    assert state.live_records() == [replace(record(os.getpid()), started=None)]
+
+
+def test_unreadable_entries_are_left_alone(registry: Path) -> None:
+    registry.mkdir(parents=True)
+    (registry / "12345.json").write_text("not json")
+    (registry / "notes.json").write_text("[]")
+    assert state.live_records() == []
+    assert (registry / "12345.json").exists()
