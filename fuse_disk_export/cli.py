@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ from fuse_disk_export import __version__
 from fuse_disk_export.errors import FdeError, UsageError
 
 PROG = "fuse-disk-export"
+USAGE = "%(prog)s [options] IMAGE...\n       %(prog)s --list [--json] | --stop PATH|PID..."
 
 EXAMPLES = """\
 examples:
@@ -18,6 +20,7 @@ examples:
   fuse-disk-export -dp fde.pid foo.qcow2   # returns once live; fde.pid holds the daemon's pid
   parted foo.qcow2 print                   # foo.qcow2 now reads as a raw disk
   kill -SIGINT $(cat fde.pid)              # reverted: foo.qcow2 is a qcow2 again, fde.pid gone
+  fuse-disk-export --list                  # live exports: image, format, size, pid, since when
   fuse-disk-export -r a.qcow2 b.vmdk c.vdi # several images, one qemu-storage-daemon, read-only
 
 Images a guest could write to may be hostile: see the README's security note.
@@ -28,130 +31,151 @@ log = logging.getLogger("fuse_disk_export")
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help on one screen: one line per option (``-p, --pid-file PATH``, choices ``a|b``)."""
+
+    def __init__(self, prog: str) -> None:
+        width = min(100, shutil.get_terminal_size().columns) - 2
+        super().__init__(prog, max_help_position=32, width=width)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        if action.metavar is None and action.choices is not None:
+            metavar = "|".join(map(str, action.choices))
+        else:
+            metavar = str(action.metavar or action.dest.upper())
+        dots = " ..." if action.nargs == "+" else ""
+        return f"{', '.join(action.option_strings)} {metavar}{dots}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Make disk images in any format QEMU reads appear as raw images on their own "
-        "paths, through qemu-storage-daemon FUSE exports; revert on SIGINT, SIGTERM or SIGHUP.",
+        usage=USAGE,
+        add_help=False,
+        description="Any disk image QEMU reads, seen as a raw image on its own path; "
+        "SIGINT, SIGTERM or SIGHUP reverts.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image file(s) to export")
+    p.add_argument("-h", "--help", action="help", help=argparse.SUPPRESS)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help=argparse.SUPPRESS)
     p.add_argument(
         "-d",
         "--daemonize",
         action="store_true",
-        help="run in the background; return only once every export is live",
+        help="run in the background; return once every export is live",
     )
     p.add_argument(
         "-p",
         "--pid-file",
         metavar="PATH",
-        help="write the serving process's pid here once live; removed on revert",
+        help="write the serving pid here once live; removed on revert",
     )
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
     p.add_argument(
         "-f",
         "--format",
         metavar="FMT",
-        help="image format for every image (skips detection), e.g. qcow2, raw",
+        help="image format of every image (skips detection), e.g. qcow2, raw",
     )
     p.add_argument(
         "--backing",
         choices=("safe", "none", "any"),
         default="safe",
-        help="backing files: safe (default) follows plain paths to regular files only; "
-        "none exports the top image alone; any lets QEMU follow whatever the image "
-        "names (unsafe for untrusted images)",
+        help="backing files: safe (default) plain files only; none; any (unsafe)",
     )
     p.add_argument(
         "--allow-other",
         choices=("auto", "on", "off"),
         default="auto",
-        help="let other users access the export (default auto: try, fall back)",
+        help="let other users access the exports (default auto: try, fall back)",
     )
     p.add_argument(
         "-m",
         "--mountpoint",
         metavar="FILE",
-        help="export on FILE instead of the image's own path (created if missing, "
-        "removed on revert if created)",
+        help="export on FILE, not on the image (made if missing, then removed)",
     )
     p.add_argument(
         "--mountpoint-dir",
         metavar="DIR",
-        help="with several images: export each on DIR/<image file name>",
+        help="with several images: export each on DIR/<its file name>",
     )
     p.add_argument(
         "-P",
         "--partition",
         type=int,
         metavar="N",
-        help="export only partition N (MBR primary/logical or GPT) of the virtual disk",
+        help="export only partition N (MBR or GPT) of the virtual disk",
     )
     p.add_argument(
         "--list-partitions",
         action="store_true",
-        help="print the partition table of each IMAGE and exit (exports nothing)",
+        help="print each IMAGE's partition table and exit (exports nothing)",
     )
     p.add_argument(
         "--nbd-socket",
         metavar="PATH",
-        help="also serve every export over NBD on this Unix socket (export name: the "
-        "image's file name; qemu:allocation-depth on); the FUSE side is then read-only",
+        help="also serve over NBD on this Unix socket (FUSE is then read-only)",
     )
     p.add_argument(
         "-s",
         "--snapshot",
         action="store_true",
-        help="writes go to a temporary overlay, deleted on revert; the image is never modified",
+        help="writes go to a temporary overlay, dropped on revert",
     )
     p.add_argument(
         "-l",
         "--load-snapshot",
-        metavar="NAME_OR_ID",
-        help="export an internal snapshot of a qcow2 image, read-only",
+        metavar="SNAPSHOT",
+        help="export a qcow2 internal snapshot (name or id), read-only",
     )
     p.add_argument(
         "--passphrase-file",
         metavar="FILE",
-        help="LUKS passphrase (first line of FILE); asked on the terminal if missing",
+        help="LUKS passphrase (first line); else asked on the terminal",
     )
     p.add_argument(
         "--discard",
         choices=("ignore", "unmap"),
         default="unmap",
-        help="what discard/TRIM through the export does (default unmap: frees space)",
+        help="discard/TRIM through the export: unmap (default) frees space",
     )
     p.add_argument(
         "--detect-zeroes",
         choices=("off", "on", "unmap"),
         default="off",
-        help="detect writes of zeroes and write them efficiently (default off)",
+        help="detect writes of zeroes, write them efficiently (default off)",
     )
     p.add_argument(
         "--cache",
         choices=CACHE_MODES,
         default="writeback",
+        metavar="MODE",
         help="host cache mode, as in qemu-nbd (default writeback)",
     )
     p.add_argument(
         "--aio",
         choices=("threads", "native", "io_uring"),
-        help="AIO backend for the image files (native needs --cache none/directsync)",
+        metavar="MODE",
+        help="AIO: threads, native (needs --cache none/directsync), io_uring",
     )
     p.add_argument(
         "--log-file",
         metavar="FILE",
         help="with -d: log here (default: syslog, if /dev/log exists)",
     )
-    p.add_argument("--list", action="store_true", help="list live exports and exit")
-    p.add_argument("--json", action="store_true", help="with --list: print JSON")
+    p.add_argument(
+        "--list", action="store_true", help="list live exports and exit (--json: as JSON)"
+    )
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--stop",
         nargs="+",
         metavar="PATH|PID",
-        help="revert the exports serving PATH, or run by PID; wait until done",
+        help="revert the exports on PATH or of PID; wait until done",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument(
@@ -160,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show the block graph, QMP traffic and tracebacks",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help=argparse.SUPPRESS
+    )
     return p
 
 

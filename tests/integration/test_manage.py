@@ -22,6 +22,7 @@ import pytest
 from fuse_disk_export import mounts
 from tests.conftest import Runner, image_format, is_mounted, pid_gone, qemu_img, read_line, wait_for
 from tests.integration.test_export import make_qcow2
+from tests.unit.test_cli_help import complete
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "qemu-fuse-disk-export.py"
@@ -102,6 +103,16 @@ def test_list_and_stop(fde: Runner, tmp_path: Path) -> None:
     assert listed(fde) == []
     empty = fde.run("--list")
     assert empty.returncode == 0 and empty.stdout == "" and "no live exports" in empty.stderr
+
+
+def test_completion_of_stop_offers_live_exports(fde: Runner, tmp_path: Path) -> None:
+    img = make_qcow2(tmp_path / "foo.qcow2")
+    proc = fde.start_live(str(img))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    assert complete("--stop", "", env=env) == sorted([str(img), str(proc.pid)])
+    assert complete("--stop", str(tmp_path), env=env) == [str(img)]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
 
 
 def test_stop_a_foreground_export_by_pid(fde: Runner, tmp_path: Path) -> None:

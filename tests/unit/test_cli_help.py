@@ -1,0 +1,81 @@
+"""--help fits on one screen and names every option; bash completion knows every option."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fuse_disk_export.cli import build_parser
+
+COMPLETION = (
+    Path(__file__).resolve().parents[2] / "scripts" / "completion" / "fuse-disk-export.bash"
+)
+HIDDEN = {"-h", "--help", "--version", "--json"}  # named in the usage line or another option's help
+
+
+def options() -> list[argparse.Action]:
+    return [a for a in build_parser()._actions if a.option_strings]
+
+
+def test_help_fits_on_one_screen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    text = build_parser().format_help()
+    lines = text.splitlines()
+    assert len(lines) <= 40, text
+    assert max(map(len, lines)) <= 100, text
+    for action in options():
+        for name in action.option_strings:
+            assert name in text or name in HIDDEN, name
+    assert "--json" in lines[1] and "examples:" in text
+
+
+def complete(*words: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """What the completion function offers for the last of ``words``."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is missing")
+    script = (
+        f"source {COMPLETION}\n"
+        'COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _fuse_disk_export\n'
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    out = subprocess.run(
+        ["bash", "-c", script, "bash", "fuse-disk-export", *words],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return sorted(line for line in out.stdout.splitlines() if line)
+
+
+def test_completion_offers_every_option() -> None:
+    offered = set(complete("-"))
+    wanted = {name for action in options() for name in action.option_strings}
+    assert wanted <= offered, f"missing from the completion: {sorted(wanted - offered)}"
+    assert offered <= wanted, f"no longer options: {sorted(offered - wanted)}"
+    assert complete("--back") == ["--backing"]
+
+
+@pytest.mark.parametrize(
+    "action", [a for a in options() if a.choices], ids=lambda a: a.option_strings[-1]
+)
+def test_completion_offers_the_choices(action: argparse.Action) -> None:
+    assert action.choices is not None
+    assert complete(action.option_strings[-1], "") == sorted(map(str, action.choices))
+
+
+def test_completion_offers_images_for_positional_arguments(tmp_path: Path) -> None:
+    for name in ("a.qcow2", "b.VMDK", "c.img", "notes.txt", "my disk.vdi"):
+        (tmp_path / name).touch()
+    (tmp_path / "sub").mkdir()
+    assert complete("", cwd=tmp_path) == ["a.qcow2", "b.VMDK", "c.img", "my disk.vdi", "sub"]
+    assert complete("-r", "my", cwd=tmp_path) == ["my disk.vdi"]
+    # When nothing looks like an image, every file.
+    assert complete("no", cwd=tmp_path) == ["notes.txt"]
+    assert complete("--format", "qc") == ["qcow", "qcow2"]
+    assert complete("--mountpoint-dir", "", cwd=tmp_path) == ["sub"]
