@@ -77,34 +77,39 @@ def list_exports(*, as_json: bool = False, out: TextIO | None = None) -> int:
     """Print every live export: a table on a terminal, plain columns otherwise, or JSON."""
     out = out or sys.stdout
     records = state.live_records()
-    if as_json:
-        json.dump([asdict(r) for r in records], out, indent=2)
-        out.write("\n")
-        return 0
-    if not records:
+    if not records and not as_json:
         print("no live exports", file=sys.stderr)
         return 0
-    from rich.console import Console
+    try:
+        if as_json:
+            out.write(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+        elif out.isatty():
+            _print_table(records, out)
+        else:
+            out.write(format_plain(records))
+        out.flush()
+    except BrokenPipeError:
+        # Read by something like head(1) that has seen enough: not an error.  Python would
+        # complain again while flushing at exit, unless stdout goes nowhere from now on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    return 0
 
-    console = Console(file=out)
-    if not console.is_terminal:
-        out.write(format_plain(records))
-        return 0
+
+def _print_table(records: Sequence[ExportRecord], out: TextIO) -> None:
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in COLUMNS:
-        path = name in ("MOUNT POINT", "IMAGE")
         table.add_column(
             name,
-            overflow="fold",
-            no_wrap=not path,
             justify="right" if name in ("PID", "SIZE") else "left",
+            no_wrap=name not in ("MOUNT POINT", "IMAGE"),
+            overflow="fold",
         )
     for record in records:
         table.add_row(*_row(record), style=None if record.writable else "dim")
-    console.print(table)
-    return 0
+    Console(file=out).print(table)
 
 
 @dataclass
