@@ -8,6 +8,7 @@ imports it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -133,11 +134,16 @@ def _lookup(target: str, records: Sequence[ExportRecord]) -> list[ExportRecord]:
             raise FdeError(f"pid {target} is not a fuse-disk-export process (see --list)")
         return found
     path = os.path.abspath(target)
-    names = {path, os.path.realpath(path)}
-    found = [r for r in records if r.mountpoint in names or r.image in names]
+    names = [path]
+    found = [r for r in records if path in (r.mountpoint, r.image)]
+    if not found:
+        # Only now touch the path (a mount whose server hangs would hang us): a symlink to it?
+        real = os.path.realpath(path)
+        names += [real] if real != path else []
+        found = [r for r in records if real in (r.mountpoint, r.image)]
     if found:
         return found
-    for name in sorted(names):
+    for name in names:
         entry = mounts.mount_at(name)
         if entry is None:
             continue
@@ -169,13 +175,14 @@ def _signal(stop: _Stop) -> bool:
     except ProcessLookupError:
         return False
     # Checked after opening the pidfd: from here on the fd names this very process.
-    if not state.is_running(stop.pid, stop.started):
-        return False
-    try:
-        signal.pidfd_send_signal(stop.pidfd, signal.SIGINT)
-    except ProcessLookupError:
-        return False
-    return True
+    if state.is_running(stop.pid, stop.started):
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(stop.pidfd, signal.SIGINT)
+            return True
+    # Exited (a zombie counts), or the pid now belongs to another process: nothing to wait for.
+    os.close(stop.pidfd)
+    stop.pidfd = -1
+    return False
 
 
 def _wait_exits(stops: Iterable[_Stop], deadline: float) -> list[_Stop]:

@@ -84,6 +84,12 @@ def test_stop_by_image_path(stand_in: subprocess.Popen[bytes]) -> None:
     assert stand_in.wait(timeout=0) == -signal.SIGINT
 
 
+def test_stop_through_a_symlink(stand_in: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to("/images/a.qcow2")
+    assert manage.stop([str(tmp_path / "link")], quiet=True) == 0
+    assert stand_in.wait(timeout=0) == -signal.SIGINT
+
+
 def test_stop_refuses_what_is_not_ours(
     stand_in: subprocess.Popen[bytes], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
