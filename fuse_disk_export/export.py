@@ -105,7 +105,7 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             graph = plan(ready.specs, request.tuning, request.secrets)
             for line in graph.describe():
                 log.debug("plan: %s", line)
-            asyncio.run(Session(graph, on_live=on_live).run())
+            asyncio.run(Session(graph, on_live=on_live, on_stop=notify.stopping).run())
     except FdeError as e:
         if reporter is not None and reporter.pending:
             reporter.failed(e)

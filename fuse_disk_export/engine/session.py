@@ -40,10 +40,12 @@ class Session:
         graph: BlockGraph,
         *,
         on_live: Callable[[Session], None],
+        on_stop: Callable[[], object] | None = None,
         daemon_stderr: int | None = None,
     ) -> None:
         self.graph = graph
         self.on_live = on_live
+        self.on_stop = on_stop
         self.daemon_stderr = daemon_stderr
         self.daemon: StorageDaemon | None = None
         self.stop_signal: str | None = None
@@ -55,6 +57,8 @@ class Session:
         if self.stop_signal is None:
             log.info("%s received, reverting", signame)
             self.stop_signal = signame
+            if self.on_stop is not None:
+                self.on_stop()
         self._stop.set()
 
     def _check_stop(self) -> None:
