@@ -177,10 +177,14 @@ def fuse_server_pids(entry: MountEntry) -> list[int]:
 
 
 def process_name(pid: int) -> str | None:
-    """The short command name of process ``pid`` (/proc/PID/comm), if it still runs."""
+    """The program process ``pid`` runs (base name of its argv[0]), if it still runs."""
     try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0]
+        if argv0:
+            return os.path.basename(os.fsdecode(argv0))
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            return f.read().strip() or None
+            return f.read().strip() or None  # a kernel thread, or argv rewritten to nothing
     except OSError:
         return None
 
