@@ -1,0 +1,340 @@
+"""References inside an image: backing files, external data files, vmdk extents.
+
+By default (--backing=safe) the tool follows a backing chain only through plain paths to regular
+files and opens each file itself, so QEMU never follows a name we have not looked at; a
+``json:`` specification, a protocol prefix, a device, a directory, and data files or vmdk extents
+outside the image's folder are refused with a message that says "backing" (or names the data
+file or extent) and shows the reference.  --backing=none exports the top image alone;
+--backing=any lets QEMU follow whatever the image names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Runner, qemu_img
+from tests.integration.fault_helpers import (
+    MiB,
+    assert_all_clean,
+    io,
+    make_qcow2,
+    one_line,
+    sha256,
+)
+
+BACKING_HINT = "--backing=none exports the image alone"
+
+
+def overlay(path: Path, backing: str, backing_fmt: str, size: str = "16M") -> Path:
+    """A qcow2 naming ``backing`` exactly as given (-u: not opened, not checked)."""
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", backing_fmt, str(path), size)
+    return path
+
+
+def refused(fde: Runner, *args: str, image: Path, holder: Path | None = None) -> str:
+    """Refused in one line that names ``holder``: the file holding the bad reference (the image
+    itself, or the file of its chain whose header names it)."""
+    digest = sha256(image)
+    result = fde.run(*args, str(image))
+    assert result.returncode != 0, result.stdout
+    line = one_line(result.stderr)
+    assert line.startswith(f"fuse-disk-export: {holder or image}: "), line
+    assert_all_clean(fde.root)
+    assert sha256(image) == digest
+    return line
+
+
+def serve(fde: Runner, *args: str) -> tuple[str, str]:
+    """Export, let ``check`` run via the caller, then revert: returns (stdout, stderr)."""
+    proc = fde.start_live(*args)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert proc.stdout is not None and proc.stderr is not None
+    return proc.stdout.read(), proc.stderr.read()
+
+
+# --------------------------------------------------------------------------------------------
+# Unsafe backing references are refused, and the policy switches work
+
+
+JSON_BACKING = "json:" + json.dumps(
+    {"driver": "raw", "file": {"driver": "file", "filename": "{base}"}}
+)
+
+UNSAFE = {
+    "json": (JSON_BACKING, "is a json: specification"),
+    "nbd-uri": ("nbd://localhost:10809/x", "has a protocol prefix"),
+    "nbd": ("nbd:localhost:10809", "has a protocol prefix"),
+    "http": ("http://example.com/disk.img", "has a protocol prefix"),
+    "ssh": ("ssh://host/disk.img", "has a protocol prefix"),
+    "file-prefix": ("file:base.raw", "has a protocol prefix"),
+    "device": ("/dev/null", "is not a regular file"),
+    "directory": ("folder", "is a directory"),
+    "missing": ("gone.raw", "no such file"),
+}
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(b"\x3c" * MiB + bytes(15 * MiB))
+    (tmp_path / "folder").mkdir()
+    return raw
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE))
+def test_unsafe_backing_is_refused(fde: Runner, tmp_path: Path, base: Path, kind: str) -> None:
+    reference, reason = UNSAFE[kind]
+    reference = reference.replace("{base}", str(base))
+    top = overlay(tmp_path / "top.qcow2", reference, "raw")
+    line = refused(fde, "-r", image=top)
+    assert "backing" in line and repr(reference) in line and reason in line, line
+    if kind not in ("device", "directory", "missing"):
+        assert BACKING_HINT in line
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE))
+def test_backing_none_exports_the_top_alone(
+    fde: Runner, tmp_path: Path, base: Path, kind: str
+) -> None:
+    reference = UNSAFE[kind][0].replace("{base}", str(base))
+    top = make_qcow2(tmp_path / "top.qcow2", "16M", (0x77, "4M", "64k"))
+    qemu_img("rebase", "-u", "-b", reference, "-F", "raw", str(top))
+    proc = fde.start_live("-r", "--backing=none", str(top))
+    with open(top, "rb") as f:
+        assert f.read(4096) == bytes(4096)  # the base's 0x3c is not seen
+        f.seek(4 * MiB)
+        assert f.read(65536) == b"\x77" * 65536
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert_all_clean(tmp_path)
+
+
+def test_backing_any_lets_qemu_follow_json(fde: Runner, tmp_path: Path, base: Path) -> None:
+    top = overlay(tmp_path / "top.qcow2", JSON_BACKING.replace("{base}", str(base)), "raw")
+    proc = fde.start_live("-r", "--backing=any", str(top))
+    with open(top, "rb") as f:
+        assert f.read(4096) == b"\x3c" * 4096  # through the json: backing
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert_all_clean(tmp_path)
+
+
+def test_backing_chain_loop(fde: Runner, tmp_path: Path) -> None:
+    a = tmp_path / "a.qcow2"
+    overlay(a, "b.qcow2", "qcow2")
+    overlay(tmp_path / "b.qcow2", "a.qcow2", "qcow2")
+    line = refused(fde, "-r", image=a, holder=tmp_path / "b.qcow2")
+    assert "backing file 'a.qcow2' makes the chain loop" in line, line
+
+
+def test_header_forced_raw_format_is_not_walked(fde: Runner, tmp_path: Path) -> None:
+    """A backing file the header says is raw is opened as raw: what its own content names is
+    never followed, so it is no reason to refuse."""
+    lower = overlay(tmp_path / "lower.qcow2", "nbd://localhost/x", "raw")
+    top = overlay(tmp_path / "top.qcow2", lower.name, "raw")
+    proc = fde.start_live("-r", "-v", str(top))
+    with open(top, "rb") as f:
+        assert f.read(4) == b"QFI\xfb"  # lower.qcow2's own bytes, as raw
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert proc.stderr is not None
+    assert f"backing file 'lower.qcow2' -> {lower} (raw)" in proc.stderr.read()
+    assert_all_clean(tmp_path)
+
+
+def test_relative_backing_is_relative_to_the_image(fde: Runner, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    make_qcow2(images / "base.qcow2", "16M", (0x21, "0", "64k"))
+    top = overlay(images / "top.qcow2", "base.qcow2", "qcow2")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = fde.start_live("-r", "../images/top.qcow2", cwd=elsewhere)
+    with open(top, "rb") as f:
+        assert f.read(65536) == b"\x21" * 65536
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert_all_clean(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# A real chain: the merged view, -v, and writes that land in the top only
+
+
+def test_merged_view_and_writes_land_in_the_top(fde: Runner, tmp_path: Path) -> None:
+    base = make_qcow2(tmp_path / "base.qcow2", "16M", (0xA1, "0", "1M"), (0xB2, "2M", "1M"))
+    mid = overlay(tmp_path / "mid.qcow2", "base.qcow2", "qcow2")
+    io("qcow2", mid, "write -P 0xc3 2M 512k")  # hides half of base's 0xb2
+    top = overlay(tmp_path / "top.qcow2", "mid.qcow2", "qcow2")
+    io("qcow2", top, "write -P 0xd4 4M 64k")
+    below = {p: sha256(p) for p in (base, mid)}
+
+    proc = fde.start_live("-v", str(top))
+    with open(top, "r+b") as f:
+        view = f.read(8 * MiB)
+        f.seek(6 * MiB)
+        f.write(b"\xe5" * 65536)
+        f.flush()
+        os.fsync(f.fileno())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+
+    expected = bytearray(8 * MiB)
+    expected[0 : 1 * MiB] = b"\xa1" * MiB
+    expected[2 * MiB : 3 * MiB] = b"\xb2" * MiB
+    expected[2 * MiB : 2 * MiB + 512 * 1024] = b"\xc3" * (512 * 1024)
+    expected[4 * MiB : 4 * MiB + 65536] = b"\xd4" * 65536
+    assert view == bytes(expected), "the merged view is wrong"
+    # -v shows the whole chain, top first.
+    assert f"{top}: backing file 'mid.qcow2' -> {mid} (qcow2)" in log, log
+    assert f"{mid}: backing file 'base.qcow2' -> {base} (qcow2)" in log, log
+    # The write is in the top only; the files below are untouched.
+    assert {p: sha256(p) for p in (base, mid)} == below
+    io("qcow2", top, "read -P 0xe5 6M 64k")
+    io("qcow2", mid, "read -P 0 6M 64k")
+    out = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(top)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    top_extents = [e for e in json.loads(out.stdout) if e["depth"] == 0 and e["data"]]
+    assert {(e["start"], e["length"]) for e in top_extents} == {
+        (4 * MiB, 65536),
+        (6 * MiB, 65536),
+    }
+    assert_all_clean(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# External data files
+
+
+def test_data_file_outside_the_folder_is_refused(fde: Runner, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    data = tmp_path / "other" / "data.raw"
+    img = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(img), "16M")
+    line = refused(fde, image=img)
+    assert f"external data file {str(data)!r} lies outside the image's folder" in line, line
+    # Not a backing file: --backing=none checks it just the same; --backing=any follows it.
+    refused(fde, "--backing=none", image=img)
+    proc = fde.start_live("--backing=any", str(img))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert_all_clean(tmp_path)
+
+
+def test_data_file_beside_the_image_holds_the_writes(fde: Runner, tmp_path: Path) -> None:
+    img = tmp_path / "disk.qcow2"
+    data = tmp_path / "disk.data"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(img), "16M")
+    proc = fde.start_live(str(img))
+    with open(img, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\x9e" * 65536)
+        f.flush()
+        os.fsync(f.fileno())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert_all_clean(tmp_path)
+    with open(data, "rb") as f:
+        f.seek(MiB)
+        assert f.read(65536) == b"\x9e" * 65536
+
+
+def test_data_file_that_is_a_device(fde: Runner, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    img = tmp_path / "disk.qcow2"
+    data = tmp_path / "disk.data"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(img), "16M")
+    data.unlink()
+    os.mknod(data, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    line = refused(fde, image=img)
+    assert f"external data file {str(data)!r}" in line and "not a regular file" in line, line
+
+
+# --------------------------------------------------------------------------------------------
+# vmdk descriptors: every extent is a file QEMU opens
+
+
+DESCRIPTOR = """# Disk DescriptorFile
+version=1
+CID=12345678
+parentCID=ffffffff
+createType="monolithicFlat"
+
+RW 32768 FLAT "{extent}" 0
+"""
+
+
+def descriptor(path: Path, extent: str) -> Path:
+    path.write_text(DESCRIPTOR.format(extent=extent))
+    return path
+
+
+@pytest.mark.parametrize(
+    "extent",
+    ["/dev/zero", "../outside/secret.raw", "link-out.raw"],
+    ids=["device", "parent-folder", "symlink-out"],
+)
+def test_vmdk_extent_outside_the_folder_is_refused(
+    fde: Runner, tmp_path: Path, extent: str
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.raw"
+    secret.write_bytes(b"SECRET!!" * (2 * MiB))
+    (images / "link-out.raw").symlink_to(secret)
+    vmdk = descriptor(images / "disk.vmdk", extent)
+    line = refused(fde, "-r", image=vmdk)
+    assert f"vmdk extent {extent!r} lies outside the image's folder" in line, line
+    if extent != "/dev/zero":
+        # What the refusal protects from: with --backing=any, QEMU reads the file named.
+        proc = fde.start_live("-r", "--backing=any", str(vmdk))
+        with open(vmdk, "rb") as f:
+            assert f.read(8) == b"SECRET!!"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert_all_clean(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "subformat", ["monolithicFlat", "twoGbMaxExtentFlat", "twoGbMaxExtentSparse"]
+)
+def test_vmdk_with_extents_beside_it_is_exported(
+    fde: Runner, tmp_path: Path, subformat: str
+) -> None:
+    vmdk = tmp_path / "disk.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", str(vmdk), "16M")
+    io("vmdk", vmdk, "write -P 0x5c 1M 64k")
+    proc = fde.start_live(str(vmdk))
+    with open(vmdk, "rb") as f:
+        f.seek(MiB)
+        assert f.read(65536) == b"\x5c" * 65536
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert_all_clean(tmp_path)
+
+
+def test_vmdk_backing_with_an_extent_outside(fde: Runner, tmp_path: Path) -> None:
+    """A backing file is checked like the top: its extents too."""
+    descriptor(tmp_path / "base.vmdk", "/dev/zero")
+    top = overlay(tmp_path / "top.qcow2", "base.vmdk", "vmdk", size="16M")
+    line = refused(fde, "-r", image=tmp_path / "base.vmdk")
+    assert "vmdk extent '/dev/zero'" in line
+    line = refused(fde, "-r", image=top, holder=tmp_path / "base.vmdk")
+    assert "vmdk extent '/dev/zero'" in line, line
