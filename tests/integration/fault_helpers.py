@@ -162,6 +162,7 @@ class Processes:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.mountpoints: list[str] = []  # where daemons started by hand export
 
     def start(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
         kw.setdefault("stdin", subprocess.DEVNULL)
@@ -193,6 +194,7 @@ class Processes:
     ) -> subprocess.Popen[bytes]:
         """qemu-storage-daemon on a command line of its own, no QMP: ``--blockdev`` JSON."""
         target = mountpoint or image
+        self.mountpoints.append(str(target))
         proc = self.start(
             [
                 QSD,
@@ -226,9 +228,11 @@ class Processes:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        for path in mounts_under(self.root):
-            if mounts.fuse_state(path, 1.0) != "live":
-                mounts.lazy_unmount(path)  # a dead mount we made on purpose
+        # Only mounts of daemons started here (left dead on purpose): anything else left is
+        # the tool's, for the fde fixture to report.
+        for path in self.mountpoints:
+            if mounts.mount_at(path) is not None and mounts.fuse_state(path, 1.0) != "live":
+                mounts.lazy_unmount(path)
 
 
 def timed(action: Callable[[], object]) -> float:
