@@ -222,3 +222,36 @@ def wait_unmounted(paths: Iterable[str], timeout: float) -> list[str]:
             if not left or remaining <= 0:
                 return left
             poller.poll(remaining * 1000)
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def limit_background_requests(path: str) -> str | None:
+    """Let the kernel have at most one background request of the FUSE mount on ``path`` in flight.
+
+    QEMU before 10.1 serves every FUSE request from one buffer that a nested request overwrites,
+    so two writes in flight at once (AIO or O_DIRECT writers) can store each other's data.  The
+    kernel sends writes of one file one at a time except background ones; limiting those to one
+    closes the gap.  Returns None on success, else why it could not be done.
+    """
+    entry = mount_at(path)
+    connection = _connection_id(entry) if entry is not None else None
+    if connection is None:
+        return "its FUSE connection cannot be found"
+    if not os.path.isdir(f"{FUSECTL}/{connection}") and os.geteuid() == 0:
+        # systemd mounts fusectl at boot; a container often has not.
+        subprocess.run(
+            ["mount", "-t", "fusectl", "fusectl", FUSECTL],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+    try:
+        for knob in ("max_background", "congestion_threshold"):
+            with open(f"{FUSECTL}/{connection}/{knob}", "w", encoding="ascii") as f:
+                f.write("1")
+    except OSError as e:
+        return f"{FUSECTL}/{connection}: {e.strerror}"
+    return None

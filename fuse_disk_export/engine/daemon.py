@@ -80,6 +80,15 @@ class StorageDaemon:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """QEMU's version, from the QMP greeting."""
+        greeting = self.qmp.greeting
+        qemu = greeting.QMP.version.get("qemu") if greeting is not None else None
+        if not isinstance(qemu, dict):
+            return (0, 0, 0)
+        return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
+
     @classmethod
     async def start(
         cls, *, binary: str = "qemu-storage-daemon", stderr: int | None = None

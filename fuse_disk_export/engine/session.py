@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+# The first QEMU whose FUSE export copies a write's data before it can read the next request.
+FUSE_WRITE_BUFFER_FIXED = (10, 1, 0)
+
 # Generous bounds for things that take milliseconds when QEMU is healthy.
 EXPORT_DELETE_TIMEOUT = 10.0
 UNMOUNT_TIMEOUT = 5.0
@@ -84,6 +87,7 @@ class Session:
                 self.daemon = await StorageDaemon.start(stderr=self.daemon_stderr)
                 self._check_stop()
                 await self._apply()
+                self._guard_writes()
                 self._check_stop()
                 self.on_live(self)
                 await self._serve()
@@ -115,6 +119,24 @@ class Session:
                 raise error
             self._check_stop()
             log.debug("phase of %d commands applied", len(phase))
+
+    def _guard_writes(self) -> None:
+        # QEMU < 10.1 can store one write's data for another when two are in flight on one FUSE
+        # export ("fuse: Copy write buffer content before polling"); keep them one at a time.
+        assert self.daemon is not None
+        if self.daemon.version >= FUSE_WRITE_BUFFER_FIXED:
+            return
+        for export in self.graph.exports:
+            if export.writable:
+                problem = mounts.limit_background_requests(export.mountpoint)
+                if problem:
+                    log.warning(
+                        "%s: cannot serialize writes (%s); with QEMU %s, concurrent AIO or "
+                        "O_DIRECT writes through the export may be stored wrongly",
+                        export.mountpoint,
+                        problem,
+                        ".".join(map(str, self.daemon.version)),
+                    )
 
     async def _serve(self) -> None:
         assert self.daemon is not None
