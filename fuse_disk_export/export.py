@@ -7,7 +7,6 @@ runtime registry, the "set up" line, the waiting parent.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -15,14 +14,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fuse_disk_export import guard, notify, state
 from fuse_disk_export.daemonize import Reporter
 from fuse_disk_export.engine.graph import Tuning, plan
-from fuse_disk_export.engine.session import Session
+from fuse_disk_export.engine.process import Spawned, catch_stop_signals, spawn
 from fuse_disk_export.errors import FdeError, MountError
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.prepare import Preparation, Prepared, prepared
+
+if TYPE_CHECKING:
+    from fuse_disk_export.engine.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,10 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
     :param reporter: the waiting parent of a ``-d`` run, told once live or failed.
     :raise FdeError: setup failed (already rolled back) or the daemon died while serving.
     """
+    # Boot qemu-storage-daemon first: it starts while we import asyncio and qemu.qmp (tens of
+    # milliseconds), which only the session needs.
+    caught = catch_stop_signals()
+    spawned: Spawned | None = spawn()
     since = time.time()
     specs = [r.spec for r in request.images]
     needs = request.preparations or [Preparation()] * len(specs)
@@ -105,13 +112,23 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             graph = plan(ready.specs, request.tuning, request.secrets)
             for line in graph.describe():
                 log.debug("plan: %s", line)
-            asyncio.run(Session(graph, on_live=on_live, on_stop=notify.stopping).run())
+            import asyncio
+
+            from fuse_disk_export.engine.session import Session
+
+            session = Session(
+                graph, on_live=on_live, on_stop=notify.stopping, spawned=spawned, caught=caught
+            )
+            spawned = None
+            asyncio.run(session.run())
     except FdeError as e:
         if reporter is not None and reporter.pending:
             reporter.failed(e)
             return e.exit_status
         raise
     finally:
+        if spawned is not None:
+            spawned.abandon()
         notify.stopping()
         state.unregister()
         if request.pid_file:

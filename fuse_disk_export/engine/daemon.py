@@ -1,49 +1,21 @@
-"""One qemu-storage-daemon process and its QMP connection.
-
-The daemon is started with nothing but a QMP monitor on one end of a socketpair (connecting to a
-listening socket races at start-up), in a session of its own (a terminal's Ctrl-C reaches only us,
-and we revert in order) and with a parent-death signal (it never outlives us).
-"""
+"""One qemu-storage-daemon process we own, and its QMP connection (qemu.qmp)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from fuse_disk_export.errors import LockedError, QemuError, RequirementError
+from fuse_disk_export.engine.process import Spawned, spawn
+from fuse_disk_export.errors import LockedError, QemuError
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
-    """Runs in the child between fork and exec: SIGTERM when the thread that forked us dies."""
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    # The parent may have died before prctl; then nobody would ever signal us.
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def describe_exit(status: int) -> str:
-    """``Popen.returncode`` in words: "exited with status 1", "killed by SIGKILL"."""
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exited with status {status}"
 
 
 def _is_lock_error(message: str) -> bool:
@@ -65,7 +37,7 @@ class _RedactSecrets(logging.Filter):
 class StorageDaemon:
     """A running qemu-storage-daemon we own, driven through qemu.qmp.
 
-    Create with `StorageDaemon.start`; always end with `stop` (or `kill` when QMP is gone).
+    Create with `connect` or `start`; always end with `stop` (or `kill` when QMP is gone).
     """
 
     def __init__(self, process: subprocess.Popen[bytes], qmp: QMPClient) -> None:
@@ -90,46 +62,25 @@ class StorageDaemon:
         return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
 
     @classmethod
-    async def start(
-        cls, *, binary: str = "qemu-storage-daemon", stderr: int | None = None
-    ) -> StorageDaemon:
-        """Start the daemon and connect QMP to it.
+    async def connect(cls, spawned: Spawned) -> StorageDaemon:
+        """Connect QMP to a daemon started by `spawn`; it is ours from then on.
 
-        :param stderr: file descriptor for the daemon's own messages (default: ours).
-        :raise RequirementError: the binary is not installed.
-        :raise QemuError: it started but QMP could not be established.
+        :raise QemuError: QMP could not be established (the daemon has been ended).
         """
-        path = shutil.which(binary)
-        if path is None:
-            raise RequirementError(f"{binary} not found (Debian package qemu-system-common)")
-        libc = ctypes.CDLL(None, use_errno=True)
-        parent = os.getpid()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            fd = theirs.fileno()
-            argv = [path, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
-            log.debug("starting %s", " ".join(argv))
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr if stderr is not None else 2,
-                pass_fds=(fd,),
-                start_new_session=True,
-                preexec_fn=lambda: _die_with_parent(libc, parent),
-            )
-        finally:
-            theirs.close()
         qmp = QMPClient("qemu-storage-daemon")
         qmp.logger.addFilter(_RedactSecrets())
         try:
-            await qmp.connect(ours)
+            await qmp.connect(spawned.qmp_socket)
         except QMPError as e:
-            process.kill()
-            process.wait()
+            spawned.abandon()
             raise QemuError(f"qemu-storage-daemon did not answer on QMP: {e}") from e
-        log.debug("qemu-storage-daemon pid %d, QMP up", process.pid)
-        return cls(process, qmp)
+        log.debug("qemu-storage-daemon pid %d, QMP up", spawned.process.pid)
+        return cls(spawned.process, qmp)
+
+    @classmethod
+    async def start(cls, *, stderr: int | None = None) -> StorageDaemon:
+        """`spawn` a daemon and `connect` to it."""
+        return await cls.connect(spawn(stderr=stderr))
 
     def _on_exit(self) -> None:
         asyncio.get_running_loop().remove_reader(self._pidfd)

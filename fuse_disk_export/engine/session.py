@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable, Sequence
 
 from fuse_disk_export import mounts
-from fuse_disk_export.engine.daemon import StorageDaemon, describe_exit
+from fuse_disk_export.engine.daemon import StorageDaemon
 from fuse_disk_export.engine.graph import BlockGraph, Step
+from fuse_disk_export.engine.process import STOP_SIGNALS, Spawned, describe_exit, spawn
 from fuse_disk_export.errors import FdeError, Interrupted, QemuError
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # The first QEMU whose FUSE export copies a write's data before it can read the next request.
 FUSE_WRITE_BUFFER_FIXED = (10, 1, 0)
@@ -36,6 +35,9 @@ class Session:
     :param on_live: called once, when every export is mounted (write the pid file, tell the
         waiting parent, print the "set up" line). An `FdeError` it raises reverts everything.
     :param daemon_stderr: where qemu-storage-daemon's own messages go (a file descriptor).
+    :param spawned: a daemon already started with `spawn` (so that it boots while we import);
+        the session owns it from then on.
+    :param caught: stop signals recorded by `catch_stop_signals` before the session started.
     """
 
     def __init__(
@@ -45,11 +47,15 @@ class Session:
         on_live: Callable[[Session], None],
         on_stop: Callable[[], object] | None = None,
         daemon_stderr: int | None = None,
+        spawned: Spawned | None = None,
+        caught: list[str] | None = None,
     ) -> None:
         self.graph = graph
         self.on_live = on_live
         self.on_stop = on_stop
         self.daemon_stderr = daemon_stderr
+        self._spawned = spawned
+        self._caught = caught if caught is not None else []
         self.daemon: StorageDaemon | None = None
         self.stop_signal: str | None = None
         self._stop = asyncio.Event()
@@ -82,9 +88,14 @@ class Session:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        for name in self._caught:
+            self.request_stop(name)
         try:
             try:
-                self.daemon = await StorageDaemon.start(stderr=self.daemon_stderr)
+                spawned, self._spawned = self._spawned, None
+                self.daemon = await StorageDaemon.connect(
+                    spawned or spawn(stderr=self.daemon_stderr)
+                )
                 self._check_stop()
                 await self._apply()
                 self._guard_writes()
