@@ -160,8 +160,11 @@ def _phases(
     def ms(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else (b - a) * 1000
 
-    start = span("daemon-start")
+    # The daemon is started either by a sync spawn() before the heavy imports (the tool from
+    # commit 216068d on) or inside StorageDaemon.start(), right before QMP connects (before).
+    spawned = span("spawn") or span("daemon-start")
     connect = span("qmp-connect")
+    spawn_end = spawned[1] if span("spawn") else (connect[0] if connect else None)
     adds = span("qmp:blockdev-add")
     exports = span("qmp:block-export-add")
     live = marks.get("live")
@@ -171,11 +174,12 @@ def _phases(
     dstop = span("daemon-stop", after=t_sigint)
     return {
         "interpreter start-up": ms(t_spawn, marks.get("interp")),
-        "imports": ms(marks.get("interp"), marks.get("imports")),
-        "argv, image probing, plan": ms(marks.get("main"), start[0] if start else None),
-        "qemu-storage-daemon spawn": ms(
-            start[0] if start else None, connect[0] if connect else None
+        "import fuse_disk_export.cli": ms(marks.get("interp"), marks.get("import_cli")),
+        "argv, image probing (+ their imports)": ms(
+            marks.get("main"), spawned[0] if spawned else None
         ),
+        "qemu-storage-daemon spawn": ms(spawned[0] if spawned else None, spawn_end),
+        "spawn to QMP connect (plan, imports)": ms(spawn_end, connect[0] if connect else None),
         "QMP connect (daemon init + handshake)": ms(*connect) if connect else None,
         "blockdev-add (all)": ms(*adds) if adds else None,
         "block-export-add (all, FUSE mounts)": ms(*exports) if exports else None,
