@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -225,7 +226,13 @@ def _run(args: argparse.Namespace) -> int:
         return list_partitions(args)
     request = build_request(args)
     if not args.daemonize:
-        return serve(request)
+        status = serve(request)
+        # Reverted and reported: tearing the interpreter down would only make the shell wait
+        # (~15 ms) before it sees us exit.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
     from fuse_disk_export import logs
     from fuse_disk_export.daemonize import Reporter, run_detached

@@ -21,7 +21,6 @@ import os
 import re
 import stat
 import struct
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -689,11 +688,22 @@ _VHDX_NEED: Final = 4 * _KIB64  # through the end of the first region table
 _VHDX_MAX_ENTRIES: Final = 2047
 _VHDX_ENTRY: Final = struct.Struct("<16sQII")  # region table entry
 _VHDX_ITEM: Final = struct.Struct("<16sIIII")  # metadata table entry
-_VHDX_BAT: Final = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08").bytes_le
-_VHDX_METADATA: Final = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
-_VHDX_FILE_PARAMETERS: Final = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B").bytes_le
-_VHDX_DISK_SIZE: Final = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8").bytes_le
-_VHDX_SECTOR_SIZE: Final = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F").bytes_le
+# GUIDs as stored (little-endian fields); literal bytes spare importing uuid at start-up.
+_VHDX_BAT: Final = bytes.fromhex(
+    "6677c22d23f600429d64115e9bfd4a08"
+)  # 2DC27766-F623-4200-9D64-115E9BFD4A08
+_VHDX_METADATA: Final = bytes.fromhex(
+    "06a27c8b90479a4bb8fe575f050f886e"
+)  # 8B7CA206-4790-4B9A-B8FE-575F050F886E
+_VHDX_FILE_PARAMETERS: Final = bytes.fromhex(
+    "3767a1ca36fa434db3b633f0aa44e76b"
+)  # CAA16737-FA36-4D43-B3B6-33F0AA44E76B
+_VHDX_DISK_SIZE: Final = bytes.fromhex(
+    "2442a52f1bcd7648b2115dbed83bf4b8"
+)  # 2FA54224-CD1B-4876-B211-5DBED83BF4B8
+_VHDX_SECTOR_SIZE: Final = bytes.fromhex(
+    "1dbf41816fa90947ba47f233a8faab5f"
+)  # 8141BF1D-A96F-4709-BA47-F233A8FAAB5F
 _VHDX_HAS_PARENT: Final = 0x2
 _VHDX_MAX_SIZE: Final = 64 * 1024**4
 

@@ -109,13 +109,13 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
                 _create_mountpoint(r.spec.mountpoint)
                 created.append(r.spec.mountpoint)
         with prepared(specs, needs) as ready:
-            graph = plan(ready.specs, request.tuning, request.secrets)
-            for line in graph.describe():
-                log.debug("plan: %s", line)
             import asyncio
 
             from fuse_disk_export.engine.session import Session
 
+            graph = plan(ready.specs, request.tuning, request.secrets)
+            for line in graph.describe():
+                log.debug("plan: %s", line)
             session = Session(
                 graph, on_live=on_live, on_stop=notify.stopping, spawned=spawned, caught=caught
             )

@@ -40,10 +40,12 @@ def daemon_handler(log_file: IO[str] | None, *, syslog: str = SYSLOG_SOCKET) -> 
         handler.setFormatter(logging.Formatter(FILE_FORMAT))
         return handler
     if os.path.exists(syslog):
+        from logging.handlers import SysLogHandler  # only a daemon logging to syslog pays
+
         try:
-            syslog_handler = logging.handlers.SysLogHandler(
+            syslog_handler = SysLogHandler(
                 address=syslog,
-                facility=logging.handlers.SysLogHandler.LOG_DAEMON,
+                facility=SysLogHandler.LOG_DAEMON,
             )
         except OSError:
             return logging.NullHandler()

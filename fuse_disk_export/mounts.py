@@ -227,7 +227,7 @@ def wait_unmounted(paths: Iterable[str], timeout: float) -> list[str]:
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def limit_background_requests(path: str) -> str | None:
+def limit_background_requests(path: str, mounts: list[MountEntry] | None = None) -> str | None:
     """Let the kernel have at most one background request of the FUSE mount on ``path`` in flight.
 
     QEMU before 10.1 serves every FUSE request from one buffer that a nested request overwrites,
@@ -235,7 +235,7 @@ def limit_background_requests(path: str) -> str | None:
     kernel sends writes of one file one at a time except background ones; limiting those to one
     closes the gap.  Returns None on success, else why it could not be done.
     """
-    entry = mount_at(path)
+    entry = mount_at(path, mounts)
     connection = _connection_id(entry) if entry is not None else None
     if connection is None:
         return "its FUSE connection cannot be found"

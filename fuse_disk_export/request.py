@@ -153,6 +153,13 @@ def build_request(args: argparse.Namespace) -> ExportRequest:
             raise UsageError("two images would be exported on the same mount point")
     else:
         images = resolve_all(args.images, options)
+    if args.aio == "io_uring":
+        for r in images:
+            if any(layer.format == "vmdk" for layer in r.spec.layers):
+                raise UsageError(
+                    "--aio io_uring: qemu-storage-daemon 7.2 hangs opening vmdk extents with it",
+                    path=r.spec.image,
+                )
     secrets = _secrets(args, images)
     if args.partition is not None:
         if args.load_snapshot:

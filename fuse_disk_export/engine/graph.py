@@ -30,7 +30,11 @@ class Command:
 
 @dataclass(frozen=True)
 class Step:
-    """A command that adds something, the one that removes it again, and the image it is for."""
+    """A command that adds something, the one that removes it again, and the image it is for.
+
+    Only exports have an ``undo``: nodes, secrets and the NBD server go with ``quit``, which
+    flushes and closes every node in one go (a ``blockdev-del`` each costs ~1 ms in QEMU).
+    """
 
     image: str
     do: Command
@@ -136,13 +140,26 @@ def redact(args: dict[str, object]) -> dict[str, object]:
     return {k: "***" if k == "data" else v for k, v in args.items()}
 
 
+def _remove_export(export_id: str) -> Command:
+    # "hard": a FUSE request in flight holds a reference that makes the default mode refuse;
+    # QEMU still completes that request before it frees the export.
+    return Command("block-export-del", {"id": export_id, "mode": "hard"})
+
+
 def _node_prefix(index: int) -> str:
     # Node names are limited to 31 characters in QEMU; keep them short and unique per invocation.
     return f"fde{index}"
 
 
-def _cache(tuning: Tuning) -> dict[str, object]:
-    return {"direct": tuning.cache_direct, "no-flush": tuning.cache_no_flush}
+def _common(tuning: Tuning) -> dict[str, object]:
+    # Options equal to QEMU's defaults are left out: each one costs QEMU time per node, which
+    # adds up to tens of milliseconds with a hundred images (docs/benchmarks.md).
+    args: dict[str, object] = {"discard": tuning.discard}  # QEMU's default is "ignore"
+    if tuning.cache_direct or tuning.cache_no_flush:
+        args["cache"] = {"direct": tuning.cache_direct, "no-flush": tuning.cache_no_flush}
+    if tuning.detect_zeroes != "off":
+        args["detect-zeroes"] = tuning.detect_zeroes
+    return args
 
 
 def _protocol_node(name: str, path: str, read_only: bool, tuning: Tuning) -> dict[str, object]:
@@ -151,9 +168,10 @@ def _protocol_node(name: str, path: str, read_only: bool, tuning: Tuning) -> dic
         "node-name": name,
         "filename": path,
         "read-only": read_only,
-        "cache": _cache(tuning),
-        "discard": tuning.discard,
+        **_common(tuning),
     }
+    # The thread pool stays the default although io_uring doubled random reads of read-only
+    # exports here: QEMU 7.2 hung for good opening a vmdk's extents with it (docs/benchmarks.md).
     if tuning.aio is not None:
         args["aio"] = tuning.aio
     return args
@@ -167,9 +185,7 @@ def _format_node(
         "node-name": name,
         "file": file_node,
         "read-only": read_only,
-        "cache": _cache(tuning),
-        "discard": tuning.discard,
-        "detect-zeroes": tuning.detect_zeroes,
+        **_common(tuning),
     }
 
 
@@ -184,7 +200,7 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
             Step(
                 spec.image,
                 Command("blockdev-add", args),
-                Command("blockdev-del", {"node-name": name}),
+                None,
             )
         )
         return name
@@ -224,8 +240,7 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
                 "node-name": f"{prefix}-overlay",
                 "file": overlay_file,
                 "backing": below,
-                "discard": tuning.discard,
-                "detect-zeroes": tuning.detect_zeroes,
+                **_common(tuning),
             }
         )
     if spec.slice is not None:
@@ -256,7 +271,7 @@ def _secret_steps(secrets: Mapping[str, str]) -> list[Step]:
         Step(
             f"secret {key}",
             Command("object-add", {"qom-type": "secret", "id": key, "data": value}),
-            Command("object-del", {"id": key}),
+            None,
         )
         for key, value in secrets.items()
     ]
@@ -283,7 +298,7 @@ def _nbd_steps(
         Step(
             socket_path,
             Command("nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket_path}}}),
-            Command("nbd-server-stop", {}),
+            None,
         )
     ]
     for index, (spec, top, name) in enumerate(zip(specs, tops, names, strict=True)):
@@ -301,7 +316,7 @@ def _nbd_steps(
             Step(
                 spec.image,
                 Command("block-export-add", args),
-                Command("block-export-del", {"id": export_id}),
+                _remove_export(export_id),
             )
         )
     return steps, names
@@ -348,7 +363,7 @@ def plan(
                         "writethrough": tuning.writethrough,
                     },
                 ),
-                Command("block-export-del", {"id": export_id}),
+                _remove_export(export_id),
             )
         )
         exports.append(ExportPlan(export_id, spec.image, top, spec.mountpoint, fuse_writable))

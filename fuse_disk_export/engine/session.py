@@ -26,6 +26,8 @@ FUSE_WRITE_BUFFER_FIXED = (10, 1, 0)
 # Generous bounds for things that take milliseconds when QEMU is healthy.
 EXPORT_DELETE_TIMEOUT = 10.0
 UNMOUNT_TIMEOUT = 5.0
+# How long a stop signal during setup waits for QEMU to answer the commands in flight.
+APPLY_GRACE = 3.0
 
 
 class Session:
@@ -56,6 +58,7 @@ class Session:
         self.daemon_stderr = daemon_stderr
         self._spawned = spawned
         self._caught = caught if caught is not None else []
+        self._hung = False
         self.daemon: StorageDaemon | None = None
         self.stop_signal: str | None = None
         self._stop = asyncio.Event()
@@ -97,7 +100,7 @@ class Session:
                     spawned or spawn(stderr=self.daemon_stderr)
                 )
                 self._check_stop()
-                await self._apply()
+                await self._apply_or_give_up()
                 self._guard_writes()
                 self._check_stop()
                 self.on_live(self)
@@ -131,15 +134,43 @@ class Session:
             self._check_stop()
             log.debug("phase of %d commands applied", len(phase))
 
+    async def _apply_or_give_up(self) -> None:
+        """`_apply`, unless a stop signal finds QEMU not answering: then it is killed.
+
+        QEMU can hang in a command for good (7.2 did, opening a vmdk's extents with io_uring);
+        the user's Ctrl-C must still end the run, leaving nothing mounted.
+        """
+        apply = asyncio.ensure_future(self._apply())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((apply, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not apply.done():
+                done, _ = await asyncio.wait((apply,), timeout=APPLY_GRACE)
+                if not done and self.daemon is not None:
+                    log.warning(
+                        "qemu-storage-daemon (pid %d) does not answer; killing it", self.daemon.pid
+                    )
+                    self._hung = True
+                    self.daemon.kill()
+            try:
+                await apply
+            except QemuError as e:
+                if self._hung and self.stop_signal is not None:
+                    raise Interrupted(self.stop_signal) from e
+                raise
+        finally:
+            stop.cancel()
+
     def _guard_writes(self) -> None:
         # QEMU < 10.1 can store one write's data for another when two are in flight on one FUSE
         # export ("fuse: Copy write buffer content before polling"); keep them one at a time.
         assert self.daemon is not None
         if self.daemon.version >= FUSE_WRITE_BUFFER_FIXED:
             return
+        table = mounts.read_mounts()
         for export in self.graph.exports:
             if export.writable:
-                problem = mounts.limit_background_requests(export.mountpoint)
+                problem = mounts.limit_background_requests(export.mountpoint, table)
                 if problem:
                     log.warning(
                         "%s: cannot serialize writes (%s); with QEMU %s, concurrent AIO or "
@@ -171,6 +202,9 @@ class Session:
         """Undo every step that succeeded, newest first, then stop the daemon and check mounts."""
         daemon, self.daemon = self.daemon, None
         touched = self.mountpoints
+        if self._hung:
+            # A mount QEMU made without answering is not in _done: check every planned one.
+            touched = sorted({*touched, *(e.mountpoint for e in self.graph.exports)})
         try:
             if daemon is not None:
                 if not daemon.exited:
@@ -185,15 +219,14 @@ class Session:
                 self._detach(left)
 
     async def _undo(self, daemon: StorageDaemon) -> None:
-        exports = [s for s in self._done if s.do.name == "block-export-add"]
-        others = [s for s in reversed(self._done) if s.undo is not None and s not in exports]
+        # Exports are removed one by one, and their mounts seen gone, before anything else goes;
+        # nodes and everything else are then closed (and flushed) by `StorageDaemon.stop`.
+        exports = [s for s in self._done if s.undo is not None]
         if exports:
             ids = {str(s.do.args["id"]) for s in exports}
             with daemon.listen(["BLOCK_EXPORT_DELETED"]) as deleted:
-                # "hard" because a FUSE request in flight holds a reference that makes the default
-                # mode refuse; QEMU still completes that request before freeing the export.
                 results = await asyncio.gather(
-                    *(daemon.execute("block-export-del", {"id": i, "mode": "hard"}) for i in ids),
+                    *(daemon.execute(s.undo.name, s.undo.args) for s in exports if s.undo),
                     return_exceptions=True,
                 )
                 for result in results:
@@ -211,13 +244,6 @@ class Session:
             left = await asyncio.to_thread(mounts.wait_unmounted, fuse, UNMOUNT_TIMEOUT)
             if left:
                 log.warning("still mounted after export removal: %s", ", ".join(left))
-        results = await asyncio.gather(
-            *(daemon.execute(s.undo.name, s.undo.args) for s in others if s.undo is not None),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                log.warning("closing a node failed: %s", result)
 
     @staticmethod
     def _detach(paths: Sequence[str]) -> None:

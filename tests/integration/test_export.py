@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from tests.conftest import (
     qemu_io,
     wait_for,
 )
+from tests.integration.fault_helpers import Processes
 
 MiB = 1024 * 1024
 
@@ -148,22 +148,12 @@ def test_awkward_names(fde: Runner, tmp_path: Path) -> None:
     assert image_format(img) == "qcow2"
 
 
-def test_all_or_nothing(fde: Runner, tmp_path: Path) -> None:
+def test_all_or_nothing(fde: Runner, hand: Processes, tmp_path: Path) -> None:
     good = make_qcow2(tmp_path / "good.qcow2")
     busy = make_qcow2(tmp_path / "busy.qcow2")
     pid_file = tmp_path / "fde.pid"
-    # Another QEMU process holds busy.qcow2 open, with its lock.
-    holder = subprocess.Popen(
-        ["qemu-io", "-f", "qcow2", str(busy)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: _locked(busy), what="qemu-io to lock the image")
-        result = fde.run("-dp", str(pid_file), str(good), str(busy))
-    finally:
-        holder.communicate(b"quit\n", timeout=10)
+    hand.hold_image(busy)  # another QEMU process holds busy.qcow2 open, with its lock
+    result = fde.run("-dp", str(pid_file), str(good), str(busy))
     assert result.returncode != 0
     line = result.stderr.strip()
     assert "busy.qcow2" in line and "lock" in line, line
@@ -171,8 +161,3 @@ def test_all_or_nothing(fde: Runner, tmp_path: Path) -> None:
     assert not pid_file.exists()
     assert not is_mounted(good) and not is_mounted(busy)
     assert image_format(good) == "qcow2"
-
-
-def _locked(path: Path) -> bool:
-    out = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
-    return out.returncode != 0 and "lock" in out.stderr

@@ -36,14 +36,21 @@ def test_open_before_mount_on_the_same_path() -> None:
     assert export["writable"] is True and export["type"] == "fuse"
 
 
-def test_every_step_has_an_undo_naming_what_it_added() -> None:
+def test_exports_and_only_exports_have_an_undo() -> None:
     graph = plan([spec(), spec("/img/b.vmdk", layers=(Layer("/img/b.vmdk", "vmdk"),))])
     for step in graph.all_steps():
-        assert step.undo is not None
-        if step.do.name == "blockdev-add":
-            assert step.undo.args == {"node-name": step.do.args["node-name"]}
+        if step.do.name == "block-export-add":
+            assert step.undo is not None and step.undo.name == "block-export-del"
+            assert step.undo.args == {"id": step.do.args["id"], "mode": "hard"}
         else:
-            assert step.undo.args["id"] == step.do.args["id"]
+            assert step.undo is None, "nodes are closed by quit"
+
+
+def test_qemu_defaults_are_left_out() -> None:
+    nodes = plan([spec(writable=False)]).phases[0]
+    assert all("cache" not in s.do.args and "detect-zeroes" not in s.do.args for s in nodes)
+    assert all("aio" not in s.do.args for s in nodes)
+    assert all(s.do.args["discard"] == "unmap" for s in nodes), "QEMU's default is ignore"
 
 
 def test_names_are_unique_and_short() -> None:
