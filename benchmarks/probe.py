@@ -159,6 +159,8 @@ mark("import_cli")
 
 def main() -> int:
     mark("main")
+    # The tool leaves the foreground with os._exit; the report below must still be written.
+    cli.exit_now = sys.exit  # type: ignore[assignment]
     status = 1
     try:
         status = cli.main(images)

@@ -127,9 +127,8 @@ class Session:
                     failure = (step, result)
             if failure is not None:
                 step, error = failure
-                if isinstance(error, FdeError):
-                    error.path = error.path or step.image
-                    raise error
+                if isinstance(error, FdeError) and error.path is None:
+                    error.path = step.image
                 raise error
             self._check_stop()
             log.debug("phase of %d commands applied", len(phase))
