@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from fuse_disk_export.mounts import parse_mountinfo
+
 MOUNTINFO = "/proc/self/mountinfo"
 
 
@@ -35,29 +37,8 @@ class Timeout(BenchError):
 # mountinfo
 
 
-def _unescape(text: str) -> str:
-    # The kernel escapes space, tab, newline and backslash as three octal digits.
-    if "\\" not in text:
-        return text
-    out, i = [], 0
-    while i < len(text):
-        chunk = text[i + 1 : i + 4]
-        if text[i] == "\\" and len(chunk) == 3 and chunk.isdigit():
-            out.append(chr(int(chunk, 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
 def parse_mountpoints(text: str) -> list[str]:
-    points = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if len(fields) > 5:
-            points.append(_unescape(fields[4]))
-    return points
+    return [entry.mount_point for entry in parse_mountinfo(text)]
 
 
 def mountpoints() -> set[str]:
