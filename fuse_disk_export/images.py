@@ -42,7 +42,7 @@ READ_ONLY_FORMATS = frozenset({"dmg", "bochs", "cloop"})
 SECRET_ID = "fde-secret0"
 MAX_CHAIN = 64
 # How long a FUSE server already mounted on a path we are given may take to answer.
-MOUNT_CHECK_TIMEOUT = 0.5
+MOUNT_CHECK_TIMEOUT = 0.3
 
 
 @dataclass(frozen=True)
