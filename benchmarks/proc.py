@@ -13,14 +13,13 @@ import ctypes
 import errno
 import os
 import select
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fuse_disk_export.mounts import parse_mountinfo
+from fuse_disk_export.mounts import lazy_unmount, parse_mountinfo
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -260,17 +259,6 @@ class Janitor:
 def under(path: str, root: str) -> bool:
     root = root.rstrip("/")
     return path == root or path.startswith(root + "/")
-
-
-def lazy_unmount(path: str) -> None:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
-    subprocess.run(
-        [tool, "-u", "-z", "-q", "--", path],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

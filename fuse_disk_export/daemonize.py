@@ -56,12 +56,10 @@ class Reporter:
 
 
 def _wait_for_report(fd: int, child: int) -> tuple[int, str | None]:
-    chunks = []
     with os.fdopen(fd, "rb") as pipe:
-        chunks.append(pipe.read())
+        data = pipe.read().decode(errors="replace").strip()
     # The intermediate child exits as soon as python-daemon has detached the grandchild.
     os.waitpid(child, 0)
-    data = b"".join(chunks).decode(errors="replace").strip()
     if not data:
         return 1, "the background process exited before the exports were live"
     try:

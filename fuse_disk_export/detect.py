@@ -23,7 +23,7 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from fuse_disk_export.errors import ImageError
 
@@ -42,6 +42,7 @@ __all__ = [
 MAX_PROBE_BYTES: Final = 256 * 1024
 
 Reader = Callable[[int, int], bytes]
+_T = TypeVar("_T")
 
 _SECTOR: Final = 512
 _HEAD_BYTES: Final = 4096  # every header we parse fits in the first 4 KiB
@@ -89,11 +90,18 @@ class ProbeLimitError(ImageError):
 def probe(path: str) -> ImageInfo:
     """Open ``path`` and probe it.
 
-    The caller has already resolved the path; we only refuse what cannot be an image file.  The
-    open is non-blocking so that a FIFO put in place of an image cannot hang us.
+    The caller has already resolved the path; we only refuse what cannot be an image file.
 
     :raise ImageError: missing, unreadable, not a regular file, or a malformed header; the error
         carries ``path``.
+    """
+    return _on_file(path, probe_reader)
+
+
+def _on_file(path: str, parse: Callable[[Reader, int], _T]) -> _T:
+    """Run ``parse`` on the regular file at ``path``; errors carry ``path``.
+
+    The open is non-blocking so that a FIFO put in place of an image cannot hang us.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -109,7 +117,7 @@ def probe(path: str) -> ImageInfo:
             raise ImageError("is a directory", path=path)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file", path=path)
-        return probe_reader(lambda offset, length: _pread_fully(fd, offset, length), st.st_size)
+        return parse(lambda offset, length: _pread_fully(fd, offset, length), st.st_size)
     except ImageError as e:
         if e.path is None:
             e.path = path
@@ -1217,19 +1225,7 @@ def vmdk_extent_files(path: str) -> tuple[str, ...]:
     :raise ImageError: unreadable, not a VMDK, or a descriptor too long to see all its extents;
         the error carries ``path``.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        raise ImageError(e.strerror or str(e), path=path) from None
-    try:
-        size = os.fstat(fd).st_size
-        return vmdk_extent_files_reader(lambda off, length: _pread_fully(fd, off, length), size)
-    except ImageError as e:
-        if e.path is None:
-            e.path = path
-        raise
-    finally:
-        os.close(fd)
+    return _on_file(path, vmdk_extent_files_reader)
 
 
 def vmdk_extent_files_reader(read: Reader, size: int) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import TextIO
 
 from fuse_disk_export import mounts, state
+from fuse_disk_export.columns import plain_columns
 from fuse_disk_export.errors import FdeError, MountError
 from fuse_disk_export.state import ExportRecord
 
@@ -66,12 +67,7 @@ def _row(record: ExportRecord) -> tuple[str, ...]:
 
 def format_plain(records: Sequence[ExportRecord]) -> str:
     """Aligned columns with a header line, like ps(1); paths last, so nothing follows them."""
-    rows = [COLUMNS, *map(_row, records)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
-    return "".join(
-        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]) + "\n"
-        for row in rows
-    )
+    return plain_columns([COLUMNS, *map(_row, records)])
 
 
 def list_exports(*, as_json: bool = False, out: TextIO | None = None) -> int:

@@ -196,12 +196,8 @@ def list_partitions(args: argparse.Namespace) -> int:
                 view.add_row(*row)
             Console().print(view)
         else:
+            from fuse_disk_export.columns import plain_columns
+
             print(title)
-            widths = [
-                max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(TABLE_HEADINGS)
-            ]
-            for row in [TABLE_HEADINGS, *rows]:
-                print(
-                    "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                )
+            print(plain_columns([TABLE_HEADINGS, *rows]), end="")
     return 0
