@@ -1,5 +1,5 @@
 import sys
 
-from fuse_disk_export.cli import main
+from fuse_disk_export.entry import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from fuse_disk_export import __version__
+from fuse_disk_export import __version__, stopsignals
 from fuse_disk_export.errors import FdeError, UsageError
 
 PROG = "fuse-disk-export"
@@ -212,7 +212,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list or args.stop:
-        return _manage(args)
+        with stopsignals.interruptible():
+            return _manage(args)
     if args.json:
         raise UsageError("--json goes with --list")
     if args.log_file and not args.daemonize:
@@ -226,6 +227,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_partitions:
         return list_partitions(args)
     request = build_request(args)
+    log.debug("request built")
+    stopsignals.check()
     if not args.daemonize:
         exit_now(serve(request))
 
@@ -278,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_status
+    except stopsignals.StopRequested as e:
+        print(f"{PROG}: interrupted by {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

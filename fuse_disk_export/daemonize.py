@@ -1,74 +1,198 @@
 """Detach into the background, but release the invoking process only once the exports are live.
 
 python-daemon's detach makes the calling process exit at once, which would tell a script "ready"
-before anything is mounted.  So we fork first: the invoking process waits on a pipe, and the
-detached daemon writes one message to it — ready, or the error that stopped it — then closes it.
+before anything is mounted.  So we fork first: the invoking process waits on a socketpair, and the
+detached daemon reports on it — ready, or the error that stopped it.
+
+The hand-over is a two-way one, so that it cannot go wrong at either end:
+
+- The daemon says ``ready`` and counts as live only once the parent has answered ``ack``.  A parent
+  that is gone (killed) or that was told to stop first never acks: the daemon reverts.
+- A stop signal (SIGINT, SIGTERM, SIGHUP; whatever disposition it inherited) reaches the waiting
+  parent: unless ``ready`` is already there, it sends ``cancel``, waits until the daemon has rolled
+  back and exited, and exits 128+N.  A signal after ``ready`` arrived changes nothing.
+- Warnings the daemon logged during setup travel with ``ready`` and are printed by the parent, on
+  the terminal the user is looking at.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import signal
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO
 
+from fuse_disk_export import stopsignals
 from fuse_disk_export.errors import FdeError
+
+PROG = "fuse-disk-export"
 
 
 class Reporter:
-    """The daemon's end of the pipe to the waiting parent; reports at most once."""
+    """The daemon's end of the socket to the waiting parent; reports at most once."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+        self._reported = False
+
+    @property
+    def fileno(self) -> int:
+        """Readable when the parent cancelled (or vanished): watch it while setting up."""
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def cancelled(self) -> str | None:
+        """If the parent has cancelled the setup (or is gone), the reason; else None.
+
+        Does not block; meant for the moment `fileno` turns readable.
+        """
+        if self._sock is None:
+            return None
+        try:
+            data = self._sock.recv(256, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return "the invoking process is gone"
+        if not data:
+            return "the invoking process is gone"
+        line = data.decode(errors="replace").split("\n", 1)[0]
+        return line.removeprefix("cancel ") if line.startswith("cancel") else None
 
     def _send(self, message: dict[str, object]) -> bool:
-        """Send ``message``; False if the parent was gone (killed, interrupted) and never got it."""
-        if self._fd < 0:
+        if self._sock is None or self._reported:
             return False
+        self._reported = True
         try:
-            os.write(self._fd, json.dumps(message).encode() + b"\n")
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
         except OSError:
             return False  # EPIPE: the parent is gone, nobody to tell
-        finally:
-            os.close(self._fd)
-            self._fd = -1
         return True
 
-    def ready(self) -> None:
-        """Tell the parent the exports are live.
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
-        :raise FdeError: the parent is gone: whoever started us was interrupted or killed before
-            the exports were live, so nobody knows they are; the caller reverts them.
+    def ready(self, warnings: Sequence[str] = ()) -> None:
+        """Tell the parent the exports are live, and wait for its acknowledgement.
+
+        :raise FdeError: the parent cancelled (a stop signal) or is gone (killed) before it took
+            the news: nobody knows the exports are live, so the caller reverts them.
         """
-        if not self._send({"ready": True}):
+        answer = b""
+        if self._send({"ready": True, "warnings": list(warnings)}):
+            assert self._sock is not None
+            try:
+                while not answer.endswith(b"\n"):
+                    chunk = self._sock.recv(256)
+                    if not chunk:
+                        break
+                    answer += chunk
+            except OSError:
+                answer = b""
+        self._close()
+        if answer != b"ack\n":
+            why = answer.decode(errors="replace").strip().removeprefix("cancel ")
             raise FdeError(
-                "the invoking process was gone (interrupted or killed) before the exports were "
-                "live; reverted"
+                f"the invoking process was {'stopped by ' + why if why else 'gone'} before the "
+                "exports were live; reverted"
             )
 
     def failed(self, error: FdeError) -> None:
+        """Tell the parent why the setup failed.  Our end stays open until we exit, so that a
+        parent that cancelled returns only once the rollback is complete."""
         self._send({"ready": False, "message": str(error), "status": error.exit_status})
 
     @property
     def pending(self) -> bool:
-        return self._fd >= 0
+        return self._sock is not None and not self._reported
 
 
-def _wait_for_report(fd: int, child: int) -> tuple[int, str | None]:
-    with os.fdopen(fd, "rb") as pipe:
-        data = pipe.read().decode(errors="replace").strip()
-    # The intermediate child exits as soon as python-daemon has detached the grandchild.
-    os.waitpid(child, 0)
+def _read_report(sock: socket.socket, wake: socket.socket) -> dict[str, object] | None:
+    """Wait for one report line, or for a stop signal (then None)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        if stopsignals.caught():
+            return None
+        readable, _, _ = select.select([sock, wake], [], [])
+        if wake in readable:
+            wake.recv(64)
+        if sock in readable:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
     if not data:
-        return 1, "the background process exited before the exports were live"
+        return {
+            "ready": False,
+            "message": "the background process exited before the exports were live",
+            "status": 1,
+        }
     try:
         report = json.loads(data.splitlines()[0])
     except ValueError:
-        return 1, f"unexpected report from the background process: {data[:200]!r}"
-    if report.get("ready"):
-        return 0, None
-    return int(report.get("status", 1)), str(report.get("message", "failed"))
+        report = None
+    if not isinstance(report, dict):
+        return {
+            "ready": False,
+            "status": 1,
+            "message": f"unexpected report from the background process: {data[:200]!r}",
+        }
+    return report
+
+
+def _cancel(sock: socket.socket, signame: str) -> None:
+    """Tell the daemon to roll back and wait until it has (it closes its end by exiting)."""
+    try:
+        sock.sendall(f"cancel {signame}\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(30)
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
+def _wait_for_report(sock: socket.socket) -> tuple[int, list[str]]:
+    """In the invoking process: the exit status and the lines to print on stderr."""
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    try:
+        report = _read_report(sock, wake_r)
+        if report is None:
+            # A stop signal.  If "ready" came in the meantime, it is live and stays live.
+            sock.setblocking(False)
+            try:
+                late = sock.recv(4096, socket.MSG_PEEK)
+            except OSError:
+                late = b""
+            sock.setblocking(True)
+            if late.endswith(b"\n") and json.loads(late.splitlines()[0]).get("ready"):
+                report = json.loads(late.splitlines()[0])
+            else:
+                signame = stopsignals.first() or "SIGINT"
+                _cancel(sock, signame)
+                return 128 + int(signal.Signals[signame]), [
+                    f"interrupted by {signame} during setup; nothing was left mounted"
+                ]
+        if report.get("ready"):
+            try:
+                sock.sendall(b"ack\n")
+            except OSError:
+                return 1, ["the background process was gone before the exports were live"]
+            warnings = report.get("warnings")
+            return 0, [str(w) for w in warnings] if isinstance(warnings, list) else []
+        status = report.get("status", 1)
+        return int(status) if isinstance(status, int) else 1, [str(report.get("message"))]
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        wake_r.close()
+        wake_w.close()
 
 
 def run_detached(work: Callable[[Reporter], int], *, log_stream: IO[str] | None = None) -> int:
@@ -80,39 +204,49 @@ def run_detached(work: Callable[[Reporter], int], *, log_stream: IO[str] | None 
     """
     import daemon  # only the -d path pays for this import
 
-    read_end, write_end = os.pipe()
+    ours, theirs = socket.socketpair()
     child = os.fork()
     if child:
-        os.close(write_end)
-        status, message = _wait_for_report(read_end, child)
-        if message:
-            print(f"fuse-disk-export: {message}", file=sys.stderr)
+        theirs.close()
+        try:
+            status, lines = _wait_for_report(ours)
+        finally:
+            ours.close()
+            # The intermediate child exits as soon as python-daemon has detached the grandchild.
+            os.waitpid(child, 0)
+        for line in lines:
+            print(f"{PROG}: {line}", file=sys.stderr)
         return status
 
-    os.close(read_end)
+    ours.close()
     status = 1
-    reporter = Reporter(write_end)
+    reporter = Reporter(theirs)
     try:
         devnull = open(os.devnull, "r+")  # noqa: SIM115 - lives as long as the daemon
         context = daemon.DaemonContext(
             working_directory="/",
             umask=0o022,
             detach_process=True,
-            files_preserve=[write_end] + ([log_stream] if log_stream else []),
+            files_preserve=[theirs] + ([log_stream] if log_stream else []),
             stdin=devnull,
             stdout=devnull,
             stderr=log_stream or devnull,
-            # Our asyncio loop installs the handlers that revert; python-daemon's would not.
+            # Our handlers (the stop-signal record, then the session's) revert; python-daemon's
+            # would not.
             signal_map={},
         )
         with context:
             status = work(reporter)
-    except FdeError as e:
-        reporter.failed(e)
-        status = e.exit_status
     except BaseException as e:  # the parent must hear something, whatever happened
-        reporter.failed(FdeError(f"internal error in the background process: {e!r}"))
-        raise
+        if reporter.pending:
+            reporter.failed(
+                e
+                if isinstance(e, FdeError)
+                else FdeError(f"internal error in the background process: {e!r}")
+            )
+        if not isinstance(e, FdeError):
+            raise
+        status = e.exit_status
     finally:
         if reporter.pending:
             reporter.failed(FdeError("the background process ended before the exports were live"))

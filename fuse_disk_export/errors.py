@@ -65,5 +65,10 @@ class Interrupted(FdeError):
     """A stop signal arrived before every export was live; everything was rolled back."""
 
     def __init__(self, signame: str) -> None:
+        import signal
+
         super().__init__(f"interrupted by {signame} during setup; nothing was left mounted")
         self.signame = signame
+        #: 128+N, as a shell reports a command that signal N ended.
+        if signame in signal.Signals.__members__:
+            self.exit_status = 128 + int(signal.Signals[signame])

@@ -13,15 +13,15 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fuse_disk_export import guard, notify, state
+from fuse_disk_export import guard, notify, state, stopsignals
 from fuse_disk_export.daemonize import Reporter
 from fuse_disk_export.engine.graph import Tuning, plan
-from fuse_disk_export.engine.process import Spawned, catch_stop_signals, spawn
+from fuse_disk_export.engine.process import Spawned, spawn
 from fuse_disk_export.errors import FdeError, MountError
 from fuse_disk_export.images import Resolved
+from fuse_disk_export.pidfile import PidFile
 from fuse_disk_export.prepare import Preparation, Prepared, prepared
 
 if TYPE_CHECKING:
@@ -46,17 +46,6 @@ class ExportRequest:
     secrets: Mapping[str, str] = field(default_factory=dict)
 
 
-def _write_pid_file(path: str) -> None:
-    state.write_atomically(Path(path), f"{os.getpid()}\n")
-
-
-def _remove_pid_file(path: str) -> None:
-    # Only our own: another instance may have taken the name since.
-    with contextlib.suppress(OSError, ValueError):
-        if int(Path(path).read_text().strip()) == os.getpid():
-            os.unlink(path)
-
-
 def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
     """Export, serve until a stop signal, revert.  Returns the exit status.
 
@@ -64,19 +53,25 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
     :raise FdeError: setup failed (already rolled back) or the daemon died while serving.
     """
     # Boot qemu-storage-daemon first: it starts while we import asyncio and qemu.qmp (tens of
-    # milliseconds), which only the session needs.
-    caught = catch_stop_signals()
+    # milliseconds), which only the session needs.  Stop signals recorded since the entry point
+    # are taken over by the session; one recorded already means nothing is started at all.
+    stopsignals.check()
     spawned: Spawned | None = spawn()
     since = time.time()
     specs = [r.spec for r in request.images]
     needs = request.preparations or [Preparation()] * len(specs)
     ready: Prepared | None = None
+    pid_file: PidFile | None = None
+    # Warnings of the setup reach a -d user through the waiting parent, and --list.
+    warnings = _Warnings()
+    logging.getLogger().addHandler(warnings)
 
     def on_live(session: Session) -> None:
+        nonlocal pid_file
         if ready is not None:
             ready.forget_overlays()
         if request.pid_file:
-            _write_pid_file(request.pid_file)
+            pid_file = PidFile(request.pid_file)
             guard.remove_pid_file_when_gone(request.pid_file)
         assert session.daemon is not None
         state.register(
@@ -90,17 +85,19 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
                     pid=os.getpid(),
                     daemon_pid=session.daemon.pid,
                     since=since,
+                    warnings=warnings.about(r.spec.mountpoint, r.spec.image),
                 )
                 for r in request.images
             ]
         )
+        logging.getLogger().removeHandler(warnings)
         live = ", ".join(r.spec.mountpoint for r in request.images)
         log.info("live: %s", live)
-        notify.ready(f"Exporting {live}")
         if reporter is not None:
-            reporter.ready()
+            reporter.ready(warnings.messages)
         elif not request.quiet:
             print(READY_LINE, flush=True)
+        notify.ready(f"Exporting {live}")
 
     created: list[str] = []
     try:
@@ -117,7 +114,7 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             for line in graph.describe():
                 log.debug("plan: %s", line)
             session = Session(
-                graph, on_live=on_live, on_stop=notify.stopping, spawned=spawned, caught=caught
+                graph, on_live=on_live, on_stop=notify.stopping, spawned=spawned, cancel=reporter
             )
             spawned = None
             asyncio.run(session.run())
@@ -127,12 +124,13 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             return e.exit_status
         raise
     finally:
+        logging.getLogger().removeHandler(warnings)
         if spawned is not None:
             spawned.abandon()
         notify.stopping()
         state.unregister()
-        if request.pid_file:
-            _remove_pid_file(request.pid_file)
+        if pid_file is not None:
+            pid_file.release()
         for path in created:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -141,6 +139,20 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(request.tuning.nbd_socket)
     return 0
+
+
+class _Warnings(logging.Handler):
+    """The warnings logged while an invocation is set up."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def about(self, *paths: str) -> list[str]:
+        return [m for m in self.messages if any(p in m for p in paths)]
 
 
 def _create_mountpoint(path: str) -> None:

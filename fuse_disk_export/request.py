@@ -100,7 +100,10 @@ def _secrets(args: argparse.Namespace, images: list[Resolved]) -> dict[str, str]
     elif sys.stdin.isatty():
         import getpass
 
-        passphrase = getpass.getpass(f"Passphrase for {', '.join(locked)}: ")
+        from fuse_disk_export import stopsignals
+
+        with stopsignals.interruptible():  # a Ctrl-C at the prompt must not wait for Enter
+            passphrase = getpass.getpass(f"Passphrase for {', '.join(locked)}: ")
     else:
         raise UsageError("is encrypted: give --passphrase-file FILE", path=locked[0])
     return {SECRET_ID: passphrase}
@@ -143,6 +146,11 @@ def build_request(args: argparse.Namespace) -> ExportRequest:
     :raise FdeError: a bad image, option or mount point (nothing has been started).
     """
     options = _options(args)
+    pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
+    if pid_file:
+        from fuse_disk_export.pidfile import check_free
+
+        check_free(pid_file)
     targets = _mountpoints(args)
     if any(targets):
         images = [
@@ -168,7 +176,7 @@ def build_request(args: argparse.Namespace) -> ExportRequest:
     return ExportRequest(
         images=images,
         tuning=_tuning(args),
-        pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
+        pid_file=pid_file,
         quiet=args.quiet,
         preparations=_preparations(args, images),
         secrets=secrets,

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
@@ -33,6 +33,8 @@ class ExportRecord:
     #: When process ``pid`` started (seconds since the epoch, as psutil's ``create_time``), so
     #: that a later process with the same pid is not taken for it.
     started: float | None = None
+    #: What went wrong or is risky about this export, as warned when it was set up.
+    warnings: list[str] = field(default_factory=list)
 
 
 def registry_dir() -> Path:

@@ -25,7 +25,7 @@ if in_checkout:
     sys.path.insert(0, checkout)
 
 try:
-    from fuse_disk_export.cli import main
+    from fuse_disk_export.entry import main
 except ImportError as e:
     sys.exit(f"qemu-fuse-disk-export.py: fuse-disk-export is not installed ({e})")
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from fuse_disk_export.engine.process import Spawned, spawn
+from fuse_disk_export.engine.process import Spawned, StderrTap
 from fuse_disk_export.errors import LockedError, QemuError
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,22 @@ class _RedactSecrets(logging.Filter):
 class StorageDaemon:
     """A running qemu-storage-daemon we own, driven through qemu.qmp.
 
-    Create with `connect` or `start`; always end with `stop` (or `kill` when QMP is gone).
+    Create with `connect`; always end with `stop` (or `kill` when QMP is gone).
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], qmp: QMPClient) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], qmp: QMPClient, stderr: StderrTap) -> None:
         self.process = process
         self.qmp = qmp
+        self.stderr = stderr
         self._exited = asyncio.Event()
         self._pidfd = os.pidfd_open(process.pid)
         loop = asyncio.get_running_loop()
         loop.add_reader(self._pidfd, self._on_exit)
+        loop.add_reader(stderr.fd, self._on_stderr)
+
+    def _on_stderr(self) -> None:
+        if not self.stderr.pump():
+            asyncio.get_running_loop().remove_reader(self.stderr.fd)
 
     @property
     def pid(self) -> int:
@@ -73,14 +79,12 @@ class StorageDaemon:
             await qmp.connect(spawned.qmp_socket)
         except QMPError as e:
             spawned.abandon()
-            raise QemuError(f"qemu-storage-daemon did not answer on QMP: {e}") from e
+            said = spawned.stderr.since(0)
+            raise QemuError(
+                f"qemu-storage-daemon did not answer on QMP: {said[-1] if said else e}"
+            ) from e
         log.debug("qemu-storage-daemon pid %d, QMP up", spawned.process.pid)
-        return cls(spawned.process, qmp)
-
-    @classmethod
-    async def start(cls, *, stderr: int | None = None) -> StorageDaemon:
-        """`spawn` a daemon and `connect` to it."""
-        return await cls.connect(spawn(stderr=stderr))
+        return cls(spawned.process, qmp, spawned.stderr)
 
     def _on_exit(self) -> None:
         asyncio.get_running_loop().remove_reader(self._pidfd)
@@ -144,3 +148,7 @@ class StorageDaemon:
                 asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+        if self.stderr.fd >= 0:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self.stderr.fd)
+            self.stderr.close()

@@ -9,6 +9,7 @@ own (a terminal's Ctrl-C reaches only us, and we revert in order) and with a par
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -24,21 +25,6 @@ from fuse_disk_export.errors import RequirementError
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-
-#: The signals that revert an export (and roll back one being set up).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def catch_stop_signals() -> list[str]:
-    """Record stop signals from now on, until a `Session` takes over; returns the record.
-
-    Without this, a Ctrl-C while we are still importing would be a KeyboardInterrupt somewhere
-    instead of an orderly rollback.
-    """
-    caught: list[str] = []
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, _frame: caught.append(signal.Signals(signum).name))
-    return caught
 
 
 def _die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
@@ -59,12 +45,70 @@ def describe_exit(status: int) -> str:
     return f"exited with status {status}"
 
 
+class StderrTap:
+    """qemu-storage-daemon's stderr: passed on, line by line, to where it would have gone (our
+    stderr: the terminal, or a ``-d`` daemon's log), with its latest lines kept, so that an error
+    can carry the specific cause QEMU or libfuse printed ("fuse: failed to open /dev/fuse: ...")
+    behind a generic QMP error ("Failed to mount FUSE session to export")."""
+
+    def __init__(self, fd: int, forward: int, keep: int = 16) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.forward = forward
+        self._partial = b""
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.count = 0
+
+    def pump(self) -> bool:
+        """Take whatever the daemon has written; False once it has closed its end."""
+        while self.fd >= 0:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                data = b""
+            if not data:
+                self._take(self._partial + b"\n" if self._partial else b"")
+                self._partial = b""
+                return False
+            self._take(self._partial + data)
+        return False
+
+    def _take(self, data: bytes) -> None:
+        *lines, self._partial = data.split(b"\n")
+        if not lines:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.forward, b"".join(line + b"\n" for line in lines))
+        for line in lines:
+            self._lines.append(line.decode(errors="replace").strip())
+            self.count += 1
+
+    def since(self, mark: int) -> list[str]:
+        """The non-empty lines written since `count` was ``mark`` (the latest few of them)."""
+        self.pump()
+        new = (
+            list(self._lines)[-min(self.count - mark, len(self._lines)) :]
+            if self.count > mark
+            else []
+        )
+        return [line.removeprefix("qemu-storage-daemon: ") for line in new if line]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.pump()
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass
 class Spawned:
-    """A qemu-storage-daemon just started, and our end of its QMP socket."""
+    """A qemu-storage-daemon just started, our end of its QMP socket, and its stderr."""
 
     process: subprocess.Popen[bytes]
     qmp_socket: socket.socket
+    stderr: StderrTap
 
     def abandon(self) -> None:
         """End a daemon nobody has connected to yet (ours, by pid), and close our end."""
@@ -73,12 +117,13 @@ class Spawned:
         self.process.wait()
         with contextlib.suppress(OSError):
             self.qmp_socket.close()
+        self.stderr.close()
 
 
-def spawn(*, binary: str = "qemu-storage-daemon", stderr: int | None = None) -> Spawned:
+def spawn(*, binary: str = "qemu-storage-daemon", stderr: int = 2) -> Spawned:
     """Start qemu-storage-daemon with a QMP monitor on a socketpair.
 
-    :param stderr: file descriptor for the daemon's own messages (default: ours).
+    :param stderr: file descriptor the daemon's own messages are passed on to (default: ours).
     :raise RequirementError: the binary is not installed.
     """
     path = shutil.which(binary)
@@ -87,6 +132,7 @@ def spawn(*, binary: str = "qemu-storage-daemon", stderr: int | None = None) -> 
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    errors_r, errors_w = os.pipe()
     try:
         fd = theirs.fileno()
         argv = [path, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
@@ -95,14 +141,16 @@ def spawn(*, binary: str = "qemu-storage-daemon", stderr: int | None = None) -> 
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=stderr if stderr is not None else 2,
+            stderr=errors_w,
             pass_fds=(fd,),
             start_new_session=True,
             preexec_fn=lambda: _die_with_parent(libc, parent),
         )
     except BaseException:
         ours.close()
+        os.close(errors_r)
         raise
     finally:
         theirs.close()
-    return Spawned(process, ours)
+        os.close(errors_w)
+    return Spawned(process, ours, StderrTap(errors_r, stderr))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from fuse_disk_export import mounts
+from fuse_disk_export import mounts, stopsignals
 from fuse_disk_export.engine.daemon import StorageDaemon
 from fuse_disk_export.engine.graph import BlockGraph, Step
-from fuse_disk_export.engine.process import STOP_SIGNALS, Spawned, describe_exit, spawn
+from fuse_disk_export.engine.process import Spawned, describe_exit, spawn
 from fuse_disk_export.errors import FdeError, Interrupted, QemuError
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,26 @@ UNMOUNT_TIMEOUT = 5.0
 APPLY_GRACE = 3.0
 
 
+class Cancellable(Protocol):
+    """Someone who may call the setup off: the waiting parent of a ``-d`` run."""
+
+    @property
+    def fileno(self) -> int:
+        """Turns readable when `cancelled` may have news."""
+
+    def cancelled(self) -> str | None:
+        """The stop signal's name (or why), once the setup is called off; else None."""
+
+
 class Session:
     """One invocation's exports, from the first QMP command to the last unmount check.
 
     :param graph: what to bring up.
     :param on_live: called once, when every export is mounted (write the pid file, tell the
         waiting parent, print the "set up" line). An `FdeError` it raises reverts everything.
-    :param daemon_stderr: where qemu-storage-daemon's own messages go (a file descriptor).
     :param spawned: a daemon already started with `spawn` (so that it boots while we import);
         the session owns it from then on.
-    :param caught: stop signals recorded by `catch_stop_signals` before the session started.
+    :param cancel: watched until live; when it says so, the setup is rolled back.
     """
 
     def __init__(
@@ -48,16 +59,14 @@ class Session:
         *,
         on_live: Callable[[Session], None],
         on_stop: Callable[[], object] | None = None,
-        daemon_stderr: int | None = None,
         spawned: Spawned | None = None,
-        caught: list[str] | None = None,
+        cancel: Cancellable | None = None,
     ) -> None:
         self.graph = graph
         self.on_live = on_live
         self.on_stop = on_stop
-        self.daemon_stderr = daemon_stderr
         self._spawned = spawned
-        self._caught = caught if caught is not None else []
+        self._cancel = cancel
         self._hung = False
         self.daemon: StorageDaemon | None = None
         self.stop_signal: str | None = None
@@ -69,6 +78,8 @@ class Session:
         if self.stop_signal is None:
             log.info("%s received, reverting", signame)
             self.stop_signal = signame
+            if signame not in stopsignals.caught():
+                stopsignals.note(signame)
             if self.on_stop is not None:
                 self.on_stop()
         self._stop.set()
@@ -89,31 +100,52 @@ class Session:
             died while serving (its mounts have been detached).
         """
         loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
+        for sig in stopsignals.STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
-        for name in self._caught:
+        # Signals recorded since the entry point (while we parsed, probed, spawned).
+        for name in stopsignals.caught():
             self.request_stop(name)
+        self._watch_cancel(loop, True)
         try:
             try:
                 spawned, self._spawned = self._spawned, None
-                self.daemon = await StorageDaemon.connect(
-                    spawned or spawn(stderr=self.daemon_stderr)
-                )
+                self.daemon = await StorageDaemon.connect(spawned or spawn())
                 self._check_stop()
                 await self._apply_or_give_up()
                 self._guard_writes()
+                self._watch_cancel(loop, False)
                 self._check_stop()
                 self.on_live(self)
                 await self._serve()
             finally:
                 await self._revert()
         finally:
-            for sig in STOP_SIGNALS:
+            self._watch_cancel(loop, False)
+            for sig in stopsignals.STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+            stopsignals.resume()
+
+    def _watch_cancel(self, loop: asyncio.AbstractEventLoop, on: bool) -> None:
+        """Watch (or stop watching) whoever may call the setup off, until live."""
+        cancel = self._cancel
+        if cancel is None or cancel.fileno < 0:
+            return
+        if not on:
+            loop.remove_reader(cancel.fileno)
+            return
+
+        def check() -> None:
+            why = cancel.cancelled()
+            if why is not None:
+                loop.remove_reader(cancel.fileno)
+                self.request_stop(why)
+
+        loop.add_reader(cancel.fileno, check)
 
     async def _apply(self) -> None:
         assert self.daemon is not None
         for phase in self.graph.phases:
+            said = self.daemon.stderr.count
             # Sent back to back: QEMU runs them in order, so a failure makes the rest of the phase
             # fail too, and we report the first one.
             results = await asyncio.gather(
@@ -127,8 +159,14 @@ class Session:
                     failure = (step, result)
             if failure is not None:
                 step, error = failure
-                if isinstance(error, FdeError) and error.path is None:
-                    error.path = step.image
+                if isinstance(error, FdeError):
+                    if error.path is None:
+                        error.path = step.image
+                    # QMP's reason can be generic ("Failed to mount FUSE session to export");
+                    # what QEMU or libfuse printed meanwhile says why.
+                    cause = [line for line in self.daemon.stderr.since(said) if line]
+                    if cause and cause[-1] not in error.reason:
+                        error.reason = f"{error.reason} ({cause[-1]})"
                 raise error
             self._check_stop()
             log.debug("phase of %d commands applied", len(phase))
