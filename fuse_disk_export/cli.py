@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="AIO: threads, native (needs --cache none/directsync), io_uring",
     )
     p.add_argument(
+        "--no-write-guard",
+        action="store_true",
+        help="let writes run concurrently (only for a QEMU with the FUSE fix)",
+    )
+    p.add_argument(
         "--log-file",
         metavar="FILE",
         help="with -d: log here (default: syslog, if /dev/log exists)",

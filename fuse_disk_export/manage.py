@@ -85,6 +85,11 @@ def list_exports(*, as_json: bool = False, out: TextIO | None = None) -> int:
         else:
             out.write(format_plain(records))
         out.flush()
+        if not as_json:
+            # Apart from the columns, which scripts parse; --json has them as "warnings".
+            for record in records:
+                for warning in record.warnings:
+                    print(f"fuse-disk-export: warning: {warning}", file=sys.stderr)
     except BrokenPipeError:
         # Read by something like head(1) that has seen enough: not an error.  Python would
         # complain again while flushing at exit, unless stdout goes nowhere from now on.

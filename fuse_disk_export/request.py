@@ -7,6 +7,7 @@ against the caller's directory and a bad image is reported right where the user 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import stat
 import sys
@@ -17,6 +18,8 @@ from fuse_disk_export.errors import ImageError, MountError, UsageError
 from fuse_disk_export.export import ExportRequest
 from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
 from fuse_disk_export.prepare import Preparation
+
+log = logging.getLogger(__name__)
 
 # qemu-nbd's --cache values, as (cache.direct, cache.no-flush, export writethrough).
 CACHE = {
@@ -43,6 +46,7 @@ def _tuning(args: argparse.Namespace) -> Tuning:
         discard=args.discard,
         detect_zeroes=args.detect_zeroes,
         nbd_socket=_nbd_socket(args.nbd_socket) if args.nbd_socket else None,
+        write_guard=not args.no_write_guard,
     )
 
 
@@ -140,11 +144,35 @@ def _with_partitions(
     ]
 
 
+def _note_raw(args: argparse.Namespace, images: list[Resolved]) -> None:
+    """A user who typed the wrong file learns it: a raw image's export shows the same bytes."""
+    changes_view = (
+        args.partition is not None
+        or args.snapshot
+        or args.mountpoint
+        or args.mountpoint_dir
+        or args.nbd_socket
+        or args.load_snapshot
+    )
+    if args.format or changes_view:
+        return
+    for r in images:
+        if r.spec.layers[0].format == "raw":
+            log.warning(
+                "%s: note: already a raw image; it is exported with its bytes unchanged",
+                r.spec.image,
+            )
+
+
 def build_request(args: argparse.Namespace) -> ExportRequest:
     """Inspect every image and decide how to export it.
 
     :raise FdeError: a bad image, option or mount point (nothing has been started).
     """
+    from fuse_disk_export import preflight
+
+    preflight.check_daemon()
+    preflight.check_fuse()
     options = _options(args)
     pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
     if pid_file:
@@ -168,6 +196,7 @@ def build_request(args: argparse.Namespace) -> ExportRequest:
                     "--aio io_uring: qemu-storage-daemon 7.2 hangs opening vmdk extents with it",
                     path=r.spec.image,
                 )
+    _note_raw(args, images)
     secrets = _secrets(args, images)
     if args.partition is not None:
         if args.load_snapshot:
@@ -185,9 +214,12 @@ def build_request(args: argparse.Namespace) -> ExportRequest:
 
 def list_partitions(args: argparse.Namespace) -> int:
     """``--list-partitions``: print each image's table; export nothing."""
+    from fuse_disk_export import preflight
     from fuse_disk_export.partitions import TABLE_HEADINGS, format_table
     from fuse_disk_export.tables import read_tables
 
+    preflight.check_daemon()
+    preflight.check_fuse()
     options = replace(_options(args), read_only=True)
     images = [resolve(image, options) for image in args.images]
     tables = read_tables([r.spec for r in images], _secrets(args, images))

@@ -111,6 +111,11 @@ class StorageDaemon:
             message = str(e)
             if _is_lock_error(message):
                 raise LockedError(f"image is in use: locked by another process ({message})") from e
+            if "does not accept value 'fuse'" in message:
+                raise QemuError(
+                    f"this qemu-storage-daemon has no FUSE export support (built without "
+                    f"--enable-fuse; QEMU 6.0 or later with FUSE is needed): {message}"
+                ) from e
             raise QemuError(message) from e
         except QMPError as e:
             raise QemuError(f"qemu-storage-daemon stopped answering ({command}): {e}") from e

@@ -98,6 +98,8 @@ class Tuning:
     detect_zeroes: str = "off"
     #: Also serve every exported node over NBD on this Unix socket (absolute path).
     nbd_socket: str | None = None
+    #: Keep writes one at a time on QEMUs whose FUSE export can mix up concurrent writes.
+    write_guard: bool = True
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ class BlockGraph:
 
     phases: tuple[tuple[Step, ...], ...]
     exports: tuple[ExportPlan, ...] = field(default=())
+    #: See `Tuning.write_guard`.
+    write_guard: bool = True
 
     def all_steps(self) -> Iterable[Step]:
         for phase in self.phases:
@@ -372,4 +376,4 @@ def plan(
         nbd, names = _nbd_steps(specs, tops, tuning, tuning.nbd_socket)
         mounts[:0] = nbd
         exports = [replace(e, nbd_name=n) for e, n in zip(exports, names, strict=True)]
-    return BlockGraph((tuple(opens), tuple(mounts)), tuple(exports))
+    return BlockGraph((tuple(opens), tuple(mounts)), tuple(exports), tuning.write_guard)

@@ -13,16 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from fuse_disk_export import mounts, stopsignals
+from fuse_disk_export.engine import versions
 from fuse_disk_export.engine.daemon import StorageDaemon
 from fuse_disk_export.engine.graph import BlockGraph, Step
 from fuse_disk_export.engine.process import Spawned, describe_exit, spawn
 from fuse_disk_export.errors import FdeError, Interrupted, QemuError
 
 log = logging.getLogger(__name__)
-
-
-# The first QEMU whose FUSE export copies a write's data before it can read the next request.
-FUSE_WRITE_BUFFER_FIXED = (10, 1, 0)
 
 # Generous bounds for things that take milliseconds when QEMU is healthy.
 EXPORT_DELETE_TIMEOUT = 10.0
@@ -199,23 +196,41 @@ class Session:
             stop.cancel()
 
     def _guard_writes(self) -> None:
-        # QEMU < 10.1 can store one write's data for another when two are in flight on one FUSE
-        # export ("fuse: Copy write buffer content before polling"); keep them one at a time.
+        """Make writable FUSE exports safe on this QEMU, or say what is not (before live)."""
         assert self.daemon is not None
-        if self.daemon.version >= FUSE_WRITE_BUFFER_FIXED:
+        version = self.daemon.version
+        writable = [e for e in self.graph.exports if e.writable]
+        if not writable:
             return
+        if versions.punch_hole_may_keep_data(version):
+            for export in writable:
+                log.warning(
+                    "%s: QEMU %s turns a punched hole into an advisory discard, which may keep "
+                    "the old data: tools that zero by punching holes (qemu-img convert -n, "
+                    "nbdcopy, fallocate -p) can leave wrong data without an error; QEMU 8.0 or "
+                    "later fixes this (Debian 12: bookworm-backports)",
+                    export.mountpoint,
+                    versions.describe(version),
+                )
+        if not versions.needs_write_guard(version):
+            return
+        if not self.graph.write_guard:
+            log.debug("write guard off (--no-write-guard) on QEMU %s", versions.describe(version))
+            return
+        # Two writes in flight can store each other's data: keep them one at a time.
         table = mounts.read_mounts()
-        for export in self.graph.exports:
-            if export.writable:
-                problem = mounts.limit_background_requests(export.mountpoint, table)
-                if problem:
-                    log.warning(
-                        "%s: cannot serialize writes (%s); with QEMU %s, concurrent AIO or "
-                        "O_DIRECT writes through the export may be stored wrongly",
-                        export.mountpoint,
-                        problem,
-                        ".".join(map(str, self.daemon.version)),
-                    )
+        for export in writable:
+            problem = mounts.limit_background_requests(export.mountpoint, table)
+            if problem:
+                log.warning(
+                    "%s: cannot serialize writes (%s); with QEMU %s, concurrent AIO or "
+                    "O_DIRECT writes through the export may be stored wrongly",
+                    export.mountpoint,
+                    problem,
+                    versions.describe(version),
+                )
+            else:
+                log.debug("%s: writes serialized (max_background=1)", export.mountpoint)
 
     async def _serve(self) -> None:
         assert self.daemon is not None

@@ -26,7 +26,8 @@ _fuse_disk_export() {
     local opts="-h --help -d --daemonize -p --pid-file -r --read-only -f --format --backing
         --allow-other -m --mountpoint --mountpoint-dir -P --partition --list-partitions
         --nbd-socket -s --snapshot -l --load-snapshot --passphrase-file --discard --detect-zeroes
-        --cache --aio --log-file --list --json --stop -q --quiet -v --verbose --version"
+        --cache --aio --no-write-guard --log-file --list --json --stop -q --quiet -v --verbose
+        --version"
     COMPREPLY=()
     compopt -o filenames 2>/dev/null
 
