@@ -142,7 +142,7 @@ def is_dead(path: str, timeout: float = 1.0) -> bool:
     return fuse_state(path, timeout) == "dead"
 
 
-def _connection_id(entry: MountEntry) -> int | None:
+def connection_id(entry: MountEntry) -> int | None:
     # fdinfo prints the connection as the kernel's dev_t: major << 20 | minor.
     major, sep, minor = entry.device.partition(":")
     if not sep or not major.isdigit() or not minor.isdigit():
@@ -156,7 +156,7 @@ def fuse_server_pids(entry: MountEntry) -> list[int]:
     Read from /proc/PID/fdinfo (its ``fuse_connection`` line, Linux 6.x); empty when the kernel
     does not say, when the processes are not ours to look at, or when nobody serves the mount.
     """
-    wanted = _connection_id(entry)
+    wanted = connection_id(entry)
     if not entry.is_fuse or wanted is None:
         return []
     found: list[int] = []
@@ -236,7 +236,7 @@ def limit_background_requests(path: str, mounts: list[MountEntry] | None = None)
     closes the gap.  Returns None on success, else why it could not be done.
     """
     entry = mount_at(path, mounts)
-    connection = _connection_id(entry) if entry is not None else None
+    connection = connection_id(entry) if entry is not None else None
     if connection is None:
         return "its FUSE connection cannot be found"
     if not os.path.isdir(f"{FUSECTL}/{connection}") and os.geteuid() == 0:

@@ -20,6 +20,19 @@ from fuse_disk_export import mounts
 IN_CI = os.environ.get("CI") == "true"
 
 
+def pytest_report_header() -> str:
+    """Which qemu-storage-daemon this run uses (scripts/test runs the suite on more than one)."""
+    path = shutil.which("qemu-storage-daemon")
+    if path is None:
+        return "qemu-storage-daemon: not found on PATH"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+        version = (out.stdout.splitlines() or ["no version"])[0]
+    except (OSError, subprocess.SubprocessError) as e:
+        version = f"--version failed: {e}"
+    return f"qemu-storage-daemon: {path} ({version})"
+
+
 def require(condition: bool, what: str) -> None:
     """Skip when a system requirement is missing; under CI=true, fail instead."""
     if condition:

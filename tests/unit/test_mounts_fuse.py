@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fuse_disk_export.mounts import MountEntry, _connection_id, parse_mountinfo
+from fuse_disk_export.mounts import MountEntry, connection_id, parse_mountinfo
 
 SAMPLE = (
     "42 22 0:39 / /tmp/a.qcow2 rw,nosuid - fuse /dev/fuse rw,user_id=0\n"
@@ -18,11 +18,11 @@ def test_device_is_parsed() -> None:
 
 def test_connection_id_is_the_kernel_dev_t() -> None:
     a, data, b = parse_mountinfo(SAMPLE)
-    assert _connection_id(a) == 39  # what /proc/PID/fdinfo prints as fuse_connection
-    assert _connection_id(b) == 1048577
-    assert _connection_id(data) == 8 << 20 | 1
+    assert connection_id(a) == 39  # what /proc/PID/fdinfo prints as fuse_connection
+    assert connection_id(b) == 1048577
+    assert connection_id(data) == 8 << 20 | 1
 
 
 def test_no_device_no_connection() -> None:
-    assert _connection_id(MountEntry(1, "/x", "fuse", "/dev/fuse")) is None
-    assert _connection_id(MountEntry(1, "/x", "fuse", "/dev/fuse", "garbage")) is None
+    assert connection_id(MountEntry(1, "/x", "fuse", "/dev/fuse")) is None
+    assert connection_id(MountEntry(1, "/x", "fuse", "/dev/fuse", "garbage")) is None

@@ -1,0 +1,128 @@
+"""What differs between QEMU versions, asserted for the QEMU this run uses (scripts/test runs the
+suite once per QEMU of the matrix): the write guard and zeroing by punching holes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fuse_disk_export import mounts
+from fuse_disk_export.engine import versions
+from tests.conftest import Runner, qemu_img, require
+from tests.integration.fault_helpers import MiB, assert_all_clean
+
+
+def qemu_version() -> tuple[int, int, int]:
+    out = subprocess.run(
+        ["qemu-storage-daemon", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    assert found, out
+    major, minor, micro = map(int, found.groups())
+    return major, minor, micro
+
+
+def max_background(path: Path) -> int:
+    entry = mounts.mount_at(str(path))
+    assert entry is not None
+    connection = mounts.connection_id(entry)
+    with open(f"{mounts.FUSECTL}/{connection}/max_background") as f:
+        return int(f.read())
+
+
+@pytest.mark.parametrize("guard", ["default", "--no-write-guard"])
+def test_write_guard_on_every_affected_qemu(fde: Runner, tmp_path: Path, guard: str) -> None:
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    args = [guard] if guard != "default" else []
+    proc = fde.start_live(*args, str(img))
+    ro = tmp_path / "b.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(ro), "16M")
+    ro_proc = fde.start_live("-r", str(ro))
+    try:
+        require(os.path.isdir(mounts.FUSECTL), "fusectl")
+        limited = max_background(img) == 1
+        assert max_background(ro) != 1, "read-only exports are not limited"
+    finally:
+        for p in (proc, ro_proc):
+            p.send_signal(signal.SIGINT)
+            assert p.wait(timeout=30) == 0
+    affected = versions.needs_write_guard(qemu_version())
+    assert affected, "no released QEMU is known to contain the FUSE write-buffer fix"
+    assert limited == (guard == "default")
+    assert_all_clean(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
+def test_convert_n_into_a_writable_export(fde: Runner, tmp_path: Path, fmt: str) -> None:
+    """qemu-img convert -n zeroes by punching holes into the target: on QEMU >= 8.0 the export
+    must equal the source; before, the tool must have warned at start-up, as documented."""
+    random = tmp_path / "random.raw"
+    random.write_bytes(os.urandom(64 * MiB))
+    img = tmp_path / f"disk.{fmt}"
+    qemu_img("convert", "-f", "raw", "-O", fmt, str(random), str(img))
+    random.unlink()
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.write(b"hello")
+        f.truncate(64 * MiB)
+    proc = fde.start_live(str(img))
+    try:
+        qemu_img("convert", "-n", "-f", "raw", "-O", "raw", str(src), str(img))
+        compare = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), str(img)],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    if versions.punch_hole_may_keep_data(qemu_version()):
+        assert "punched hole" in err and str(img) in err and "QEMU 8.0" in err, err
+    else:
+        assert compare.returncode == 0, compare.stdout + compare.stderr
+        assert "punched hole" not in err, err
+    assert_all_clean(tmp_path)
+
+
+def test_setup_warnings_reach_a_dp_user_and_list(fde: Runner, tmp_path: Path) -> None:
+    """A -d run's warnings are printed by the parent before it returns, and --list shows them."""
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    pid_file = tmp_path / "fde.pid"
+    # Its warnings on this QEMU, as a foreground run prints them.
+    proc = fde.start_live(str(img))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert proc.stderr is not None
+    expected = [line for line in proc.stderr.read().splitlines() if str(img) in line]
+
+    result = fde.run("-dp", str(pid_file), str(img))
+    assert result.returncode == 0, result.stderr
+    serving = int(pid_file.read_text())
+    fde.track_pid(serving)
+    try:
+        assert [line for line in result.stderr.splitlines() if str(img) in line] == expected
+        listed = fde.run("--list", "--json")
+        records = [r for r in json.loads(listed.stdout) if r["pid"] == serving]
+        assert len(records) == 1
+        assert [f"fuse-disk-export: {w}" for w in records[0]["warnings"]] == expected
+        plain = fde.run("--list")
+        for line in expected:
+            assert line.replace("fuse-disk-export: ", "fuse-disk-export: warning: ") in (
+                plain.stderr
+            )
+    finally:
+        os.kill(serving, signal.SIGINT)
+    from tests.conftest import wait_for
+
+    wait_for(lambda: not pid_file.exists(), 10, "the revert")
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
