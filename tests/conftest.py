@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import select
 import shutil
 import signal
@@ -159,13 +161,36 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline() if ready else ""
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Lets fixtures see whether the test itself failed (item.fde_call_failed).
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call":
+        item.fde_call_failed = report.failed  # type: ignore[attr-defined]
+
+
 @pytest.fixture
-def fde(tmp_path: Path, qemu_tools: None) -> Iterator[Runner]:
+def fde(request: pytest.FixtureRequest, tmp_path: Path, qemu_tools: None) -> Iterator[Runner]:
     runner = Runner(tmp_path)
     yield runner
+    # Cleanup runs whatever happened; what it had to clean is a failure of its own only when the
+    # test passed (a test that failed half-way leaves its processes for us to stop, by design).
     problems = runner.cleanup()
-    if problems:
+    if problems and not getattr(request.node, "fde_call_failed", False):
         pytest.fail("left behind: " + "; ".join(problems))
+
+
+@functools.cache
+def qemu_version() -> tuple[int, int, int]:
+    """The version of the qemu-storage-daemon on PATH (the QEMU this run tests)."""
+    out = subprocess.run(
+        ["qemu-storage-daemon", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    assert found, out
+    major, minor, micro = map(int, found.groups())
+    return major, minor, micro
 
 
 def qemu_img(*args: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -14,18 +13,8 @@ import pytest
 
 from fuse_disk_export import mounts
 from fuse_disk_export.engine import versions
-from tests.conftest import Runner, qemu_img, require
+from tests.conftest import Runner, qemu_img, qemu_version, require
 from tests.integration.fault_helpers import MiB, assert_all_clean
-
-
-def qemu_version() -> tuple[int, int, int]:
-    out = subprocess.run(
-        ["qemu-storage-daemon", "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
-    assert found, out
-    major, minor, micro = map(int, found.groups())
-    return major, minor, micro
 
 
 def max_background(path: Path) -> int:
