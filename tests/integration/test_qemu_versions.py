@@ -35,7 +35,7 @@ def test_write_guard_on_every_affected_qemu(fde: Runner, tmp_path: Path, guard: 
     qemu_img("create", "-q", "-f", "qcow2", str(ro), "16M")
     ro_proc = fde.start_live("-r", str(ro))
     try:
-        require(os.path.isdir(mounts.FUSECTL), "fusectl")
+        require(os.path.isdir(mounts.FUSECTL), f"{mounts.FUSECTL} (fusectl)")
         limited = max_background(img) == 1
         assert max_background(ro) != 1, "read-only exports are not limited"
     finally:
