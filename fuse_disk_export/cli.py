@@ -213,6 +213,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     else:
         root.setLevel(logging.ERROR if args.quiet else logging.WARNING)
+        # qemu.qmp logs its connection's failures itself; ours say what they mean for the user.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -247,6 +249,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             return serve(request, reporter)
         except FdeError as e:
+            # The one place a -d run's failure is reported: to the waiting parent if it has not
+            # heard "live" (it prints the line), and to the log.
+            reporter.failed(e)
             log.error("%s", e)
             return e.exit_status
         except Exception:

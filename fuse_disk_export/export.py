@@ -15,17 +15,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fuse_disk_export import guard, notify, state, stopsignals
-from fuse_disk_export.daemonize import Reporter
+from fuse_disk_export import notify, pidwatch, state, stopsignals
+from fuse_disk_export.engine import writeguard
+from fuse_disk_export.engine.bringup import bring_up, secret_files
 from fuse_disk_export.engine.graph import Tuning, plan
-from fuse_disk_export.engine.process import Spawned, spawn
-from fuse_disk_export.errors import FdeError, MountError
+from fuse_disk_export.errors import MountError
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
-from fuse_disk_export.prepare import Preparation, Prepared, prepared
+from fuse_disk_export.prepare import Preparation, prepared
 
 if TYPE_CHECKING:
-    from fuse_disk_export.engine.session import Session
+    from fuse_disk_export.daemonize import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -47,98 +47,90 @@ class ExportRequest:
 
 
 def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
-    """Export, serve until a stop signal, revert.  Returns the exit status.
+    """Export, serve until a stop signal, revert.  Returns the exit status (0).
 
-    :param reporter: the waiting parent of a ``-d`` run, told once live or failed.
-    :raise FdeError: setup failed (already rolled back) or the daemon died while serving.
+    Live comes first, asyncio and qemu.qmp after: the graph is brought up from
+    qemu-storage-daemon's command line (`bring_up`), the writes guarded, the pid file written and
+    live reported; only then is the daemon taken over through QMP to serve and revert.
+
+    :param reporter: the waiting parent of a ``-d`` run, told once live (or, by the caller, why
+        not); a stop signal it passes on rolls the setup back.
+    :raise FdeError: setup failed or was interrupted (rolled back), or the daemon died while
+        serving (its mounts detached).
     """
-    # Boot qemu-storage-daemon first: it starts while we import asyncio and qemu.qmp (tens of
-    # milliseconds), which only the session needs.  Stop signals recorded since the entry point
-    # are taken over by the session; one recorded already means nothing is started at all.
-    stopsignals.check()
-    spawned: Spawned | None = spawn()
-    since = time.time()
-    specs = [r.spec for r in request.images]
-    needs = request.preparations or [Preparation()] * len(specs)
-    ready: Prepared | None = None
-    pid_file: PidFile | None = None
-    # Warnings of the setup reach a -d user through the waiting parent, and --list.
-    warnings = _Warnings()
-    logging.getLogger().addHandler(warnings)
-
-    def on_live(session: Session) -> None:
-        nonlocal pid_file
-        if ready is not None:
-            ready.forget_overlays()
-        if request.pid_file:
-            pid_file = PidFile(request.pid_file)
-            guard.remove_pid_file_when_gone(request.pid_file)
-        assert session.daemon is not None
-        state.register(
-            [
-                state.ExportRecord(
-                    image=r.spec.image,
-                    format=r.spec.layers[0].format,
-                    virtual_size=r.info.virtual_size,
-                    mountpoint=r.spec.mountpoint,
-                    writable=r.spec.writable,
-                    pid=os.getpid(),
-                    daemon_pid=session.daemon.pid,
-                    since=since,
-                    warnings=warnings.about(r.spec.mountpoint, r.spec.image),
-                )
-                for r in request.images
-            ]
-        )
-        logging.getLogger().removeHandler(warnings)
-        live = ", ".join(r.spec.mountpoint for r in request.images)
-        log.info("live: %s", live)
-        if reporter is not None:
-            reporter.ready(warnings.messages)
-        elif not request.quiet:
-            print(READY_LINE, flush=True)
-        notify.ready(f"Exporting {live}")
-
-    created: list[str] = []
-    try:
+    with contextlib.ExitStack() as cleanup:
+        # Warnings of the setup reach a -d user through the waiting parent, and --list.
+        warnings = _Warnings()
+        logging.getLogger().addHandler(warnings)
+        cleanup.callback(logging.getLogger().removeHandler, warnings)
+        cleanup.callback(state.unregister)
+        cleanup.callback(notify.stopping)
+        stopsignals.check()
+        since = time.time()
         for r in request.images:
             if r.creates_mountpoint:
                 _create_mountpoint(r.spec.mountpoint)
-                created.append(r.spec.mountpoint)
-        with prepared(specs, needs) as ready:
-            import asyncio
-
-            from fuse_disk_export.engine.session import Session
-
-            graph = plan(ready.specs, request.tuning, request.secrets)
-            for line in graph.describe():
-                log.debug("plan: %s", line)
-            session = Session(
-                graph, on_live=on_live, on_stop=notify.stopping, spawned=spawned, cancel=reporter
-            )
-            spawned = None
-            asyncio.run(session.run())
-    except FdeError as e:
-        if reporter is not None and reporter.pending:
-            reporter.failed(e)
-            return e.exit_status
-        raise
-    finally:
-        logging.getLogger().removeHandler(warnings)
-        if spawned is not None:
-            spawned.abandon()
-        notify.stopping()
-        state.unregister()
-        if pid_file is not None:
-            pid_file.release()
-        for path in created:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+                cleanup.callback(_remove_quietly, r.spec.mountpoint)
         if request.tuning.nbd_socket:
-            # We checked nothing was there before; whatever QEMU left is its socket.
-            with contextlib.suppress(OSError):
-                os.unlink(request.tuning.nbd_socket)
+            # We checked nothing was there before; whatever QEMU leaves there is its socket.
+            cleanup.callback(_remove_quietly, request.tuning.nbd_socket)
+        specs = [r.spec for r in request.images]
+        needs = request.preparations or [Preparation()] * len(specs)
+        ready = cleanup.enter_context(prepared(specs, needs))
+        files, fds = cleanup.enter_context(secret_files(request.secrets))
+        graph = plan(ready.specs, request.tuning, files)
+        for line in graph.describe():
+            log.debug("plan: %s", line)
+        up = bring_up(graph, pass_fds=fds, cancel=reporter)
+        failure: BaseException | None = None
+        try:
+            ready.forget_overlays()
+            writeguard.protect(graph, up.version)
+            stopsignals.check()
+            if request.pid_file:
+                pid_file = PidFile(request.pid_file)
+                cleanup.callback(pid_file.release)
+                pidwatch.remove_pid_file_when_gone(request.pid_file)
+            state.register(
+                [
+                    state.ExportRecord(
+                        image=r.spec.image,
+                        format=r.spec.layers[0].format,
+                        virtual_size=r.info.virtual_size,
+                        mountpoint=r.spec.mountpoint,
+                        writable=r.spec.writable,
+                        pid=os.getpid(),
+                        daemon_pid=up.spawned.process.pid,
+                        since=since,
+                        warnings=warnings.about(r.spec.mountpoint, r.spec.image),
+                    )
+                    for r in request.images
+                ]
+            )
+            live = ", ".join(r.spec.mountpoint for r in request.images)
+            if reporter is not None:
+                reporter.ready(warnings.messages)
+            elif not request.quiet:
+                print(READY_LINE, flush=True)
+            log.info("live: %s", live)
+            notify.ready(f"Exporting {live}")
+        except BaseException as e:
+            failure = e
+        logging.getLogger().removeHandler(warnings)
+        import asyncio
+
+        from fuse_disk_export.engine.session import Session
+
+        session = Session(graph, up, on_stop=notify.stopping)
+        asyncio.run(session.serve(live=failure is None))
+        if failure is not None:
+            raise failure
     return 0
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 class _Warnings(logging.Handler):

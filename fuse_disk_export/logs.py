@@ -61,5 +61,5 @@ def setup_daemon(log_file: IO[str] | None, *, verbose: bool = False) -> None:
         old.close()
     root.handlers[:] = [daemon_handler(log_file)]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # qemu.qmp's INFO messages are about its connection's life, not ours.
-    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # qemu.qmp's messages are about its connection's life; ours say what it means for the user.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose else logging.CRITICAL)

@@ -8,14 +8,13 @@ of the user's ever mounted over.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from fuse_disk_export.engine.bringup import bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, plan
-from fuse_disk_export.engine.session import Session
 from fuse_disk_export.errors import PartitionError
 from fuse_disk_export.partitions import PartitionTable, read_table
 
@@ -55,14 +54,13 @@ def read_tables(
             mountpoint = os.path.join(tmp, f"{index}.raw")
             open(mountpoint, "wb").close()
             views.append(_read_only_view(spec, mountpoint))
-        tables: list[PartitionTable] = []
-
-        def on_live(session: Session) -> None:
-            tables.extend(_read(view.mountpoint, view.image) for view in views)
-            session.request_stop("done")
-
-        asyncio.run(Session(plan(views, secrets=secrets), on_live=on_live).run())
-        return tables
+        with secret_files(secrets or {}) as (files, fds):
+            graph = plan(views, secret_files=files)
+            up = bring_up(graph, pass_fds=fds)
+        try:
+            return [_read(view.mountpoint, view.image) for view in views]
+        finally:
+            terminate(up, graph)
 
 
 def partition_slice(table: PartitionTable, number: int, image: str) -> Slice:

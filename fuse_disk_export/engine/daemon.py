@@ -12,14 +12,10 @@ from collections.abc import Iterator, Sequence
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from fuse_disk_export.engine.process import Spawned, StderrTap
-from fuse_disk_export.errors import LockedError, QemuError
+from fuse_disk_export.engine.process import Spawned, StderrTap, qemu_error
+from fuse_disk_export.errors import QemuError
 
 log = logging.getLogger(__name__)
-
-
-def _is_lock_error(message: str) -> bool:
-    return "lock" in message and ("Failed to get" in message or "another process" in message)
 
 
 class _RedactSecrets(logging.Filter):
@@ -108,15 +104,7 @@ class StorageDaemon:
         try:
             return await self.qmp.execute(command, args)
         except ExecuteError as e:
-            message = str(e)
-            if _is_lock_error(message):
-                raise LockedError(f"image is in use: locked by another process ({message})") from e
-            if "does not accept value 'fuse'" in message:
-                raise QemuError(
-                    f"this qemu-storage-daemon has no FUSE export support (built without "
-                    f"--enable-fuse; QEMU 6.0 or later with FUSE is needed): {message}"
-                ) from e
-            raise QemuError(message) from e
+            raise qemu_error(str(e)) from e
         except QMPError as e:
             raise QemuError(f"qemu-storage-daemon stopped answering ({command}): {e}") from e
 

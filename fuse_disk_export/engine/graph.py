@@ -1,13 +1,17 @@
-"""The block graph as pure data, and the QMP commands that bring it up and take it down.
+"""The block graph as pure data, and how qemu-storage-daemon is told to bring it up.
 
 Nothing here starts a process or touches a file: given what the images are (already probed and
-checked), `plan` decides node names, options and order; `BlockGraph` hands out the commands.  Every
-path is absolute and travels inside QMP JSON, so QEMU never parses it as option syntax or as a
-``protocol:`` prefix.
+checked), `plan` decides node names, options and order.  `BlockGraph.command_line` renders it as
+qemu-storage-daemon's ``--object``/``--blockdev``/``--nbd-server``/``--export`` options, each with
+the same JSON a QMP command would take: the daemon brings everything up before it even answers
+QMP.  Every path is absolute and travels inside JSON, so QEMU never parses it as its comma option
+syntax or as a ``protocol:`` prefix; a secret travels as a ``/dev/fd/N`` to read it from, never as
+text on a command line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,17 +32,35 @@ class Command:
     args: dict[str, object]
 
 
+#: The qemu-storage-daemon option that does what each QMP command does.
+OPTIONS = {
+    "object-add": "--object",
+    "blockdev-add": "--blockdev",
+    "nbd-server-start": "--nbd-server",
+    "block-export-add": "--export",
+}
+
+
 @dataclass(frozen=True)
 class Step:
-    """A command that adds something, the one that removes it again, and the image it is for.
+    """A command that adds something, and the image it is for (for errors).
 
-    Only exports have an ``undo``: nodes, secrets and the NBD server go with ``quit``, which
-    flushes and closes every node in one go (a ``blockdev-del`` each costs ~1 ms in QEMU).
+    Nothing is removed one by one: ``quit`` removes every export, then flushes and closes every
+    node, in that order.
     """
 
     image: str
     do: Command
-    undo: Command | None
+
+    def option(self) -> tuple[str, str]:
+        """This step as a qemu-storage-daemon option and its JSON argument."""
+        args = self.do.args
+        if self.do.name == "nbd-server-start":
+            # The option takes NbdServerOptions, whose address is a flat SocketAddress.
+            addr = args["addr"]
+            assert isinstance(addr, dict) and isinstance(addr.get("data"), dict)
+            args = {**args, "addr": {"type": addr["type"], **addr["data"]}}
+        return OPTIONS[self.do.name], json.dumps(args, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -132,22 +154,17 @@ class BlockGraph:
         for phase in self.phases:
             yield from phase
 
+    def command_line(self) -> list[str]:
+        """qemu-storage-daemon's options for the whole graph, in order: secrets and nodes first
+        (most failures then happen before anything is mounted), the NBD server, the exports."""
+        argv: list[str] = []
+        for step in self.all_steps():
+            argv.extend(step.option())
+        return argv
+
     def describe(self) -> list[str]:
-        """Human-readable lines for ``-v``: every command in order, secrets masked."""
-        return [
-            f"{s.do.name} {redact(s.do.args) if s.do.name == 'object-add' else s.do.args}"
-            for s in self.all_steps()
-        ]
-
-
-def redact(args: dict[str, object]) -> dict[str, object]:
-    return {k: "***" if k == "data" else v for k, v in args.items()}
-
-
-def _remove_export(export_id: str) -> Command:
-    # "hard": a FUSE request in flight holds a reference that makes the default mode refuse;
-    # QEMU still completes that request before it frees the export.
-    return Command("block-export-del", {"id": export_id, "mode": "hard"})
+        """Human-readable lines for ``-v``: every option in order (secrets are file names)."""
+        return [" ".join(s.option()) for s in self.all_steps()]
 
 
 def _node_prefix(index: int) -> str:
@@ -200,13 +217,7 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
 
     def add(args: dict[str, object]) -> str:
         name = str(args["node-name"])
-        steps.append(
-            Step(
-                spec.image,
-                Command("blockdev-add", args),
-                None,
-            )
-        )
+        steps.append(Step(spec.image, Command("blockdev-add", args)))
         return name
 
     below = add(_nbd_client(prefix, spec.nbd_source)) if spec.nbd_source else None
@@ -270,14 +281,13 @@ def _nbd_client(prefix: str, socket_path: str) -> dict[str, object]:
     }
 
 
-def _secret_steps(secrets: Mapping[str, str]) -> list[Step]:
+def _secret_steps(secret_files: Mapping[str, str]) -> list[Step]:
     return [
         Step(
             f"secret {key}",
-            Command("object-add", {"qom-type": "secret", "id": key, "data": value}),
-            None,
+            Command("object-add", {"qom-type": "secret", "id": key, "file": path}),
         )
-        for key, value in secrets.items()
+        for key, path in secret_files.items()
     ]
 
 
@@ -302,7 +312,6 @@ def _nbd_steps(
         Step(
             socket_path,
             Command("nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket_path}}}),
-            None,
         )
     ]
     for index, (spec, top, name) in enumerate(zip(specs, tops, names, strict=True)):
@@ -316,25 +325,21 @@ def _nbd_steps(
             "allocation-depth": True,
             "writethrough": tuning.writethrough,
         }
-        steps.append(
-            Step(
-                spec.image,
-                Command("block-export-add", args),
-                _remove_export(export_id),
-            )
-        )
+        steps.append(Step(spec.image, Command("block-export-add", args)))
     return steps, names
 
 
 def plan(
     specs: Sequence[ImageSpec],
     tuning: Tuning | None = None,
-    secrets: Mapping[str, str] | None = None,
+    secret_files: Mapping[str, str] | None = None,
 ) -> BlockGraph:
     """Plan the graph that exports every image in ``specs`` through one qemu-storage-daemon.
 
     Phase 1 opens every image; phase 2 mounts every export.  The image file is open before its
     own path is mounted over, which is what lets an image be exported on itself.
+
+    :param secret_files: secret id -> file QEMU reads the passphrase from (``/dev/fd/N``).
 
     With ``tuning.nbd_socket``, each node is also exported over NBD.  QEMU 7.2 lets a writable
     FUSE export take the "resize" permission, which an NBD export never shares, so the two cannot
@@ -342,7 +347,7 @@ def plan(
     writable NBD export does not need "resize").
     """
     tuning = tuning or Tuning()
-    opens: list[Step] = _secret_steps(secrets or {})
+    opens: list[Step] = _secret_steps(secret_files or {})
     mounts: list[Step] = []
     exports: list[ExportPlan] = []
     tops: list[str] = []
@@ -367,7 +372,6 @@ def plan(
                         "writethrough": tuning.writethrough,
                     },
                 ),
-                _remove_export(export_id),
             )
         )
         exports.append(ExportPlan(export_id, spec.image, top, spec.mountpoint, fuse_writable))

@@ -18,9 +18,10 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fuse_disk_export.errors import RequirementError
+from fuse_disk_export.errors import LockedError, QemuError, RequirementError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,16 @@ class StderrTap:
         self._partial = b""
         self._lines: collections.deque[str] = collections.deque(maxlen=keep)
         self.count = 0
+        #: Until `release`, lines are held back: if the setup fails, what the daemon said is in
+        #: the one-line error instead (and in the debug log), not printed twice.
+        self._held: list[bytes] | None = []
+
+    def release(self) -> None:
+        """Pass on what was held back, and everything from now on."""
+        held, self._held = self._held, None
+        if held:
+            with contextlib.suppress(OSError):
+                os.write(self.forward, b"".join(held))
 
     def pump(self) -> bool:
         """Take whatever the daemon has written; False once it has closed its end."""
@@ -79,8 +90,12 @@ class StderrTap:
         *lines, self._partial = data.split(b"\n")
         if not lines:
             return
-        with contextlib.suppress(OSError):
-            os.write(self.forward, b"".join(line + b"\n" for line in lines))
+        data = b"".join(line + b"\n" for line in lines)
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            with contextlib.suppress(OSError):
+                os.write(self.forward, data)
         for line in lines:
             self._lines.append(line.decode(errors="replace").strip())
             self.count += 1
@@ -120,9 +135,20 @@ class Spawned:
         self.stderr.close()
 
 
-def spawn(*, binary: str = "qemu-storage-daemon", stderr: int = 2) -> Spawned:
-    """Start qemu-storage-daemon with a QMP monitor on a socketpair.
+def spawn(
+    options: Sequence[str] = (),
+    *,
+    pass_fds: Sequence[int] = (),
+    binary: str = "qemu-storage-daemon",
+    stderr: int = 2,
+) -> Spawned:
+    """Start qemu-storage-daemon with ``options`` and then a QMP monitor on a socketpair.
 
+    The monitor comes *last*: qemu-storage-daemon creates what its options ask for in order, so
+    its QMP greeting arrives only once every node and export of ``options`` is up.
+
+    :param options: ``--object``/``--blockdev``/``--nbd-server``/``--export`` and their JSON.
+    :param pass_fds: descriptors the options name (``/dev/fd/N`` of a secret's pipe).
     :param stderr: file descriptor the daemon's own messages are passed on to (default: ours).
     :raise RequirementError: the binary is not installed.
     """
@@ -135,14 +161,14 @@ def spawn(*, binary: str = "qemu-storage-daemon", stderr: int = 2) -> Spawned:
     errors_r, errors_w = os.pipe()
     try:
         fd = theirs.fileno()
-        argv = [path, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
+        argv = [path, *options, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
         log.debug("starting %s", " ".join(argv))
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=errors_w,
-            pass_fds=(fd,),
+            pass_fds=(fd, *pass_fds),
             start_new_session=True,
             preexec_fn=lambda: _die_with_parent(libc, parent),
         )
@@ -154,3 +180,16 @@ def spawn(*, binary: str = "qemu-storage-daemon", stderr: int = 2) -> Spawned:
         theirs.close()
         os.close(errors_w)
     return Spawned(process, ours, StderrTap(errors_r, stderr))
+
+
+def qemu_error(message: str, *, path: str | None = None) -> QemuError:
+    """QEMU's error message as the error a user should see (lock and FUSE support explained)."""
+    if "lock" in message and ("Failed to get" in message or "another process" in message):
+        return LockedError(f"image is in use: locked by another process ({message})", path=path)
+    if "does not accept value 'fuse'" in message:
+        return QemuError(
+            "this qemu-storage-daemon has no FUSE export support (built without --enable-fuse; "
+            f"QEMU 6.0 or later with FUSE is needed): {message}",
+            path=path,
+        )
+    return QemuError(message, path=path)

@@ -36,14 +36,58 @@ def test_open_before_mount_on_the_same_path() -> None:
     assert export["writable"] is True and export["type"] == "fuse"
 
 
-def test_exports_and_only_exports_have_an_undo() -> None:
-    graph = plan([spec(), spec("/img/b.vmdk", layers=(Layer("/img/b.vmdk", "vmdk"),))])
-    for step in graph.all_steps():
-        if step.do.name == "block-export-add":
-            assert step.undo is not None and step.undo.name == "block-export-del"
-            assert step.undo.args == {"id": step.do.args["id"], "mode": "hard"}
-        else:
-            assert step.undo is None, "nodes are closed by quit"
+def test_command_line_renders_every_step_as_an_option_with_json() -> None:
+    weird = "/img/a, b:c.qcow2"
+    graph = plan(
+        [spec(weird), spec("/img/b.vmdk", layers=(Layer("/img/b.vmdk", "vmdk"),), key_secret="s0")],
+        Tuning(nbd_socket="/run/x.sock"),
+        {"s0": "/dev/fd/7"},
+    )
+    argv = graph.command_line()
+    options = argv[0::2]
+    # Secrets, then nodes, then the NBD server, then the exports: most failures come before
+    # anything is mounted.
+    order = ["--object", "--blockdev", "--nbd-server", "--export"]
+    ranks = [order.index(o) for o in options]
+    assert ranks == sorted(ranks) and set(options) == set(order)
+    values = [json.loads(v) for v in argv[1::2]]
+    secret = values[0]
+    assert secret == {"qom-type": "secret", "id": "s0", "file": "/dev/fd/7"}
+    server = values[options.index("--nbd-server")]
+    assert server == {"addr": {"type": "unix", "path": "/run/x.sock"}}
+    # A path with ", " and ":" is a JSON string, never option syntax.
+    assert any(v.get("filename") == weird for v in values)
+    assert any(v.get("mountpoint") == weird for v in values)
+    # NBD exports before the FUSE ones, so that a failure there comes before any mount.
+    exports = [v for o, v in zip(options, values, strict=True) if o == "--export"]
+    assert [e["type"] for e in exports] == ["nbd", "nbd", "fuse", "fuse"]
+
+
+def test_explain_maps_a_failed_option_to_its_image() -> None:
+    from fuse_disk_export.engine.bringup import explain
+    from fuse_disk_export.errors import LockedError
+
+    graph = plan([spec("/img/a.qcow2"), spec("/img/b.qcow2")])
+    steps = list(graph.all_steps())
+    option, text = steps[2].option()  # the second image's file node
+    assert "/img/b.qcow2" in text
+    error = explain([f"{option} {text}: Could not open '/img/b.qcow2': No such file"], graph)
+    assert error is not None and error.path == "/img/b.qcow2"
+    assert str(error) == "/img/b.qcow2: Could not open '/img/b.qcow2': No such file"
+
+    option, text = steps[-1].option()  # the second export
+    lines = [
+        "fusermount3: option allow_other only allowed if 'user_allow_other' is set",
+        f"{option} {text}: Failed to mount FUSE session to export",
+    ]
+    error = explain(lines, graph)
+    assert error is not None and error.path == "/img/b.qcow2"
+    assert error.reason.startswith("Failed to mount FUSE session to export (fusermount3: option")
+
+    option, text = steps[0].option()
+    locked = explain([f'{option} {text}: Failed to get "write" lock'], graph)
+    assert isinstance(locked, LockedError) and "image is in use" in str(locked)
+    assert explain(["something else"], graph) is None
 
 
 def test_qemu_defaults_are_left_out() -> None:

@@ -1,0 +1,48 @@
+"""Make writable FUSE exports safe on the QEMU at hand, or say what is not — before live."""
+
+from __future__ import annotations
+
+import logging
+
+from fuse_disk_export import mounts
+from fuse_disk_export.engine import versions
+from fuse_disk_export.engine.graph import BlockGraph
+
+log = logging.getLogger(__name__)
+
+
+def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
+    """Serialize the writes of every writable export where QEMU can mix up concurrent ones, and
+    warn (once per export) about what cannot be made safe: the warnings name the export's path."""
+    writable = [e for e in graph.exports if e.writable]
+    if not writable:
+        return
+    if versions.punch_hole_may_keep_data(version):
+        for export in writable:
+            log.warning(
+                "%s: QEMU %s turns a punched hole into an advisory discard, which may keep the "
+                "old data: tools that zero by punching holes (qemu-img convert -n, nbdcopy, "
+                "fallocate -p) can leave wrong data without an error; QEMU 8.0 or later fixes "
+                "this (Debian 12: bookworm-backports)",
+                export.mountpoint,
+                versions.describe(version),
+            )
+    if not versions.needs_write_guard(version):
+        return
+    if not graph.write_guard:
+        log.debug("write guard off (--no-write-guard) on QEMU %s", versions.describe(version))
+        return
+    # Two writes in flight can store each other's data: keep them one at a time.
+    table = mounts.read_mounts()
+    for export in writable:
+        problem = mounts.limit_background_requests(export.mountpoint, table)
+        if problem:
+            log.warning(
+                "%s: cannot serialize writes (%s); with QEMU %s, concurrent AIO or O_DIRECT "
+                "writes through the export may be stored wrongly",
+                export.mountpoint,
+                problem,
+                versions.describe(version),
+            )
+        else:
+            log.debug("%s: writes serialized (max_background=1)", export.mountpoint)
