@@ -12,13 +12,14 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from fuse_disk_export import notify, pidwatch, state, stopsignals
-from fuse_disk_export.engine import writeguard
+from fuse_disk_export.engine import qemuversion, versions, writeguard
 from fuse_disk_export.engine.bringup import bring_up, secret_files
 from fuse_disk_export.engine.graph import Tuning, plan
+from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import MountError
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
@@ -78,12 +79,18 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
         needs = request.preparations or [Preparation()] * len(specs)
         ready = cleanup.enter_context(prepared(specs, needs))
         files, fds = cleanup.enter_context(secret_files(request.secrets))
-        graph = plan(ready.specs, request.tuning, files)
+        binary = find_binary()
+        # Planned for the QEMU that will answer (the plan goes on its command line); unknown
+        # counts as old: the hole guard costs speed where it is not needed, never data.
+        version = qemuversion.of(binary)
+        hole_guard = version is None or versions.punch_hole_may_keep_data(version)
+        graph = plan(ready.specs, replace(request.tuning, hole_guard=hole_guard), files)
         for line in graph.describe():
             log.debug("plan: %s", line)
         up = bring_up(graph, pass_fds=fds, cancel=reporter)
         failure: BaseException | None = None
         try:
+            qemuversion.remember(binary, up.version)
             ready.forget_overlays()
             writeguard.protect(graph, up.version)
             stopsignals.check()

@@ -46,5 +46,6 @@ def check_fuse(device: str = FUSE_DEVICE) -> None:
 
 def check_daemon(binary: str = "qemu-storage-daemon") -> None:
     """:raise RequirementError: qemu-storage-daemon is not installed."""
-    if shutil.which(binary) is None:
-        raise RequirementError(f"{binary} not found (Debian package qemu-system-common)")
+    from fuse_disk_export.engine.process import find_binary
+
+    find_binary(binary)

@@ -122,6 +122,9 @@ class Tuning:
     nbd_socket: str | None = None
     #: Keep writes one at a time on QEMUs whose FUSE export can mix up concurrent writes.
     write_guard: bool = True
+    #: Make a punched hole in a writable FUSE export fail (EOPNOTSUPP) rather than keep old data
+    #: (QEMU < 8.0 turns it into an advisory discard): see `_hole_guard`.
+    hole_guard: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class ExportPlan:
     mountpoint: str
     writable: bool
     nbd_name: str | None = None
+    #: Reads once through the export arm the hole guard (`_hole_guard`).
+    hole_guard: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,35 @@ def _format_node(
     }
 
 
+#: ENOSYS: the kernel's FUSE client then answers every later fallocate on the mount with
+#: EOPNOTSUPP itself, the answer every zeroing tool falls back from (to writing zeroes).
+_ENOSYS = 38
+#: blkdebug's rules are armed by an event on its node: these come from the raw node above it
+#: (every read or write through the export), so one read arms them for good.
+_ARMING_EVENTS = ("read_aio", "write_aio", "pwritev")
+
+
+def _hole_guard(prefix: str, below: str) -> dict[str, object]:
+    """A filter that fails every discard reaching it with ENOSYS.
+
+    QEMU before 8.0 turns ``fallocate(PUNCH_HOLE)`` on a FUSE export into a discard, which formats
+    without discard support (and qcow2 ranges short of a cluster) drop while reporting success:
+    zeroing tools then leave old data in place.  ``bdrv_co_pdiscard`` swallows ENOTSUP, so the
+    error must be another; with ENOSYS the kernel turns fallocate off for the mount, and callers
+    (qemu-img convert -n, nbdcopy, loop devices) fall back to writing zeroes.
+    """
+    return {
+        "driver": "blkdebug",
+        "node-name": f"{prefix}-nohole",
+        "image": below,
+        # Discards must reach this node to be refused (the default "ignore" drops them above).
+        "discard": "unmap",
+        "inject-error": [
+            {"event": event, "iotype": "discard", "errno": _ENOSYS} for event in _ARMING_EVENTS
+        ],
+    }
+
+
 def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step], str]:
     """Steps that open one image (bottom of the chain first) and the node to export."""
     prefix = _node_prefix(index)
@@ -258,17 +292,22 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
                 **_common(tuning),
             }
         )
-    if spec.slice is not None:
-        below = add(
-            {
-                "driver": "raw",
-                "node-name": f"{prefix}-part",
-                "file": below,
-                "offset": spec.slice.offset,
-                "size": spec.slice.size,
-                "read-only": not spec.writable,
-            }
-        )
+    hole_guard = tuning.hole_guard and spec.writable and tuning.nbd_socket is None
+    if hole_guard:
+        below = add(_hole_guard(prefix, below))
+    if spec.slice is not None or hole_guard:
+        # A raw node on top: the partition's byte range, and the events that arm the guard.
+        view: dict[str, object] = {
+            "driver": "raw",
+            "node-name": f"{prefix}-part" if spec.slice is not None else f"{prefix}-top",
+            "file": below,
+            "read-only": not spec.writable,
+        }
+        if spec.slice is not None:
+            view.update(offset=spec.slice.offset, size=spec.slice.size)
+        if hole_guard:
+            view["discard"] = "unmap"
+        below = add(view)
     return steps, below
 
 
@@ -374,7 +413,16 @@ def plan(
                 ),
             )
         )
-        exports.append(ExportPlan(export_id, spec.image, top, spec.mountpoint, fuse_writable))
+        exports.append(
+            ExportPlan(
+                export_id,
+                spec.image,
+                top,
+                spec.mountpoint,
+                fuse_writable,
+                hole_guard=tuning.hole_guard and fuse_writable,
+            )
+        )
     if tuning.nbd_socket is not None:
         # NBD exports go first: were they to fail, no FUSE mount has been made yet.
         nbd, names = _nbd_steps(specs, tops, tuning, tuning.nbd_socket)

@@ -135,6 +135,19 @@ class Spawned:
         self.stderr.close()
 
 
+def find_binary(binary: str = "qemu-storage-daemon") -> str:
+    """The path of ``binary`` on PATH.
+
+    :raise RequirementError: it is not installed.
+    """
+    path = shutil.which(binary)
+    if path is None:
+        raise RequirementError(
+            f"{binary} not found (Debian package qemu-system-common; qemu-utils from QEMU 10)"
+        )
+    return path
+
+
 def spawn(
     options: Sequence[str] = (),
     *,
@@ -152,9 +165,7 @@ def spawn(
     :param stderr: file descriptor the daemon's own messages are passed on to (default: ours).
     :raise RequirementError: the binary is not installed.
     """
-    path = shutil.which(binary)
-    if path is None:
-        raise RequirementError(f"{binary} not found (Debian package qemu-system-common)")
+    path = find_binary(binary)
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -11,14 +11,28 @@ from fuse_disk_export.engine.graph import BlockGraph
 log = logging.getLogger(__name__)
 
 
+def _arm_hole_guard(mountpoint: str) -> None:
+    # One read through the export fires the event that arms the guard's filter (graph.py).
+    try:
+        with open(mountpoint, "rb", buffering=0) as f:
+            f.read(512)
+    except OSError as e:
+        log.warning("%s: cannot arm the punched-hole guard: %s", mountpoint, e.strerror)
+    else:
+        log.debug("%s: punched holes refused (EOPNOTSUPP): callers write zeroes", mountpoint)
+
+
 def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
     """Serialize the writes of every writable export where QEMU can mix up concurrent ones, and
     warn (once per export) about what cannot be made safe: the warnings name the export's path."""
     writable = [e for e in graph.exports if e.writable]
     if not writable:
         return
+    for export in writable:
+        if export.hole_guard:
+            _arm_hole_guard(export.mountpoint)
     if versions.punch_hole_may_keep_data(version):
-        for export in writable:
+        for export in (e for e in writable if not e.hole_guard):
             log.warning(
                 "%s: QEMU %s turns a punched hole into an advisory discard, which may keep the "
                 "old data: tools that zero by punching holes (qemu-img convert -n, nbdcopy, "

@@ -205,7 +205,7 @@ def test_signal_to_the_dp_parent_after_live_changes_nothing(fde: Runner, tmp_pat
     fde.track_pid(serving)
     assert mounts.mount_at(str(next(iter(made)))) is not None
     os.kill(serving, signal.SIGINT)
-    wait_for(lambda: not pid_file.exists(), 10, "the revert")
+    wait_for(lambda: not pid_file.exists() and pid_gone(serving), 10, "the revert")
     assert_nothing_left(tmp_path, made, pid_file)
 
 
@@ -234,7 +234,7 @@ def test_a_live_pid_file_is_refused_before_anything_is_exported(
     assert int(pid_file.read_text()) == holder, "the first export's pid file was taken"
 
     os.kill(holder, signal.SIGINT)
-    wait_for(lambda: not pid_file.exists(), 10, "the first export's revert")
+    wait_for(lambda: not pid_file.exists() and pid_gone(holder), 10, "the first export's revert")
     assert_all_clean(tmp_path, pid_files=(pid_file,))
 
 
@@ -256,7 +256,7 @@ def test_a_stale_pid_file_is_taken_over(fde: Runner, tmp_path: Path, content: st
     serving = int(pid_file.read_text())
     fde.track_pid(serving)
     os.kill(serving, signal.SIGINT)
-    wait_for(lambda: not pid_file.exists(), 10, "the revert")
+    wait_for(lambda: not pid_file.exists() and pid_gone(serving), 10, "the revert")
     assert_all_clean(tmp_path, pid_files=(pid_file,))
 
 

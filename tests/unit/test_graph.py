@@ -166,3 +166,26 @@ def test_tuning_options_reach_nodes_and_exports() -> None:
     }
     assert file_node["discard"] == "ignore"
     assert graph.phases[1][0].do.args["allow-other"] == "off"
+
+
+def test_hole_guard_goes_on_writable_fuse_exports_only() -> None:
+    guarded = plan([spec(), spec("/img/r.qcow2", writable=False)], Tuning(hole_guard=True))
+    steps = [s.do.args for s in guarded.phases[0]]
+    nohole = [a for a in steps if a.get("driver") == "blkdebug"]
+    assert len(nohole) == 1 and nohole[0]["discard"] == "unmap"
+    rules = nohole[0]["inject-error"]
+    assert isinstance(rules, list) and {r["iotype"] for r in rules} == {"discard"}
+    assert {r["errno"] for r in rules} == {38}  # ENOSYS: the kernel then says EOPNOTSUPP
+    top = next(a for a in steps if a.get("file") == nohole[0]["node-name"])
+    assert top["driver"] == "raw" and top["discard"] == "unmap"
+    assert guarded.exports[0].node_name == top["node-name"] and guarded.exports[0].hole_guard
+    assert not guarded.exports[1].hole_guard
+    # With a partition, the partition's raw node sits on the guard.
+    part = plan([spec(slice=Slice(4096, 8192))], Tuning(hole_guard=True)).phases[0]
+    view = [s.do.args for s in part][-1]
+    assert view["driver"] == "raw" and view["offset"] == 4096 and view["discard"] == "unmap"
+    # NBD beside FUSE: the FUSE side is read-only, no guard.
+    assert not any(
+        s.do.args.get("driver") == "blkdebug"
+        for s in plan([spec()], Tuning(hole_guard=True, nbd_socket="/x.sock")).all_steps()
+    )
