@@ -132,66 +132,37 @@ def _probe_once(ctx: Ctx, images: Sequence[str]) -> dict[str, float | None]:
         finally:
             os.close(read_end)
         ctx.janitor.forget(probe)
-    lines = [line for line in data.decode().splitlines() if line.startswith("{")]
-    if not lines:
-        raise BenchError("probe wrote no report")
-    report = json.loads(lines[-1])
-    return _phases(report, t_spawn, t_sigint, t_sigint + met["exit"])
+    marks: dict[str, float] = {}
+    for line in data.decode().splitlines():
+        if line.startswith("{"):
+            item = json.loads(line)
+            marks.setdefault(str(item["mark"]), float(item["t"]))
+    if "live" not in marks:
+        raise BenchError("probe reported no phases")
+    return _phases(marks, t_spawn, t_sigint, t_sigint + met["exit"])
 
 
 def _phases(
-    report: dict, t_spawn: float, t_sigint: float, t_exit: float
+    marks: dict[str, float], t_spawn: float, t_sigint: float, t_exit: float
 ) -> dict[str, float | None]:
-    marks: dict[str, float] = report["marks"]
-    events = [(str(n), float(b), float(e)) for n, b, e in report["events"]]
+    def ms(a: str | float | None, b: str | float | None) -> float | None:
+        start = marks.get(a) if isinstance(a, str) else a
+        end = marks.get(b) if isinstance(b, str) else b
+        return None if start is None or end is None else (end - start) * 1000
 
-    def span(
-        prefix: str, *, after: float | None = None, before: float | None = None
-    ) -> tuple[float, float] | None:
-        hits = [(b, e) for n, b, e in events if n == prefix or n.startswith(prefix + ":")]
-        if after is not None:
-            hits = [(b, e) for b, e in hits if b >= after]
-        if before is not None:
-            hits = [(b, e) for b, e in hits if e <= before]
-        if not hits:
-            return None
-        return min(b for b, _ in hits), max(e for _, e in hits)
-
-    def ms(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else (b - a) * 1000
-
-    # The daemon is started either by a sync spawn() before the heavy imports (the tool from
-    # commit 216068d on) or inside StorageDaemon.start(), right before QMP connects (before).
-    spawned = span("spawn") or span("daemon-start")
-    connect = span("qmp-connect")
-    spawn_end = spawned[1] if span("spawn") else (connect[0] if connect else None)
-    adds = span("qmp:blockdev-add")
-    exports = span("qmp:block-export-add")
-    live = marks.get("live")
-    revert = span("revert", after=t_sigint)
-    undo = span("undo", after=t_sigint)
-    dels = span("qmp:blockdev-del", after=t_sigint)
-    dstop = span("daemon-stop", after=t_sigint)
     return {
-        "interpreter start-up": ms(t_spawn, marks.get("interp")),
-        "import fuse_disk_export.cli": ms(marks.get("interp"), marks.get("import_cli")),
-        "argv, image probing (+ their imports)": ms(
-            marks.get("main"), spawned[0] if spawned else None
-        ),
-        "qemu-storage-daemon spawn": ms(spawned[0] if spawned else None, spawn_end),
-        "spawn to QMP connect (plan, imports)": ms(spawn_end, connect[0] if connect else None),
-        "QMP connect (daemon init + handshake)": ms(*connect) if connect else None,
-        "blockdev-add (all)": ms(*adds) if adds else None,
-        "block-export-add (all, FUSE mounts)": ms(*exports) if exports else None,
-        "after the exports: guard, pid file, ready": ms(exports[1] if exports else None, live),
-        "total to live": ms(t_spawn, live),
-        "SIGINT to revert": ms(t_sigint, revert[0] if revert else None),
-        "block-export-del + unmount wait": (
-            ms(undo[0], dels[0] if dels else undo[1]) if undo else None
-        ),
-        "blockdev-del (all)": ms(*dels) if dels else None,
-        "quit + reap daemon": ms(*dstop) if dstop else None,
-        "interpreter exit": ms(marks.get("exit"), t_exit),
+        "interpreter start-up": ms(t_spawn, "interp"),
+        "import fuse_disk_export.cli": ms("interp", "import_cli"),
+        "argv, image probing (+ their imports)": ms("main", "request"),
+        "plan (+ imports)": ms("request", "spawn"),
+        "qemu-storage-daemon spawn": ms("spawn", "spawned"),
+        "daemon brings the graph up (greeting)": ms("spawned", "greeting"),
+        "after the greeting: guards, pid file, ready": ms("greeting", "live"),
+        "total to live": ms(t_spawn, "live"),
+        "after live: asyncio, qemu.qmp, QMP connect": ms("live", "qmp-up"),
+        "SIGINT to handler": ms(t_sigint, "sigint"),
+        "quit + reap daemon": ms("sigint", "daemon-exit"),
+        "daemon exit to process exit": ms("daemon-exit", t_exit),
         "total stop": ms(t_sigint, t_exit),
     }
 
@@ -225,8 +196,8 @@ _IMPORT_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)")
 FULL_IMPORTS = (
     "import importlib\n"
     "for m in ('fuse_disk_export.cli', 'fuse_disk_export.request', 'fuse_disk_export.images',\n"
-    "          'fuse_disk_export.export', 'fuse_disk_export.engine.session',\n"
-    "          'fuse_disk_export.engine.daemon', 'fuse_disk_export.daemonize', 'daemon'):\n"
+    "          'fuse_disk_export.export', 'fuse_disk_export.engine.bringup',\n"
+    "          'fuse_disk_export.daemonize', 'daemon'):\n"
     "    try:\n"
     "        importlib.import_module(m)\n"
     "    except ImportError:\n"

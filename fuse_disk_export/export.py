@@ -20,7 +20,7 @@ from fuse_disk_export.engine import qemuversion, versions, writeguard
 from fuse_disk_export.engine.bringup import bring_up, secret_files
 from fuse_disk_export.engine.graph import Tuning, plan
 from fuse_disk_export.engine.process import find_binary
-from fuse_disk_export.errors import MountError
+from fuse_disk_export.errors import MountError, QemuError
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
 from fuse_disk_export.prepare import Preparation, prepared
@@ -84,10 +84,19 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
         # counts as old: the hole guard costs speed where it is not needed, never data.
         version = qemuversion.of(binary)
         hole_guard = version is None or versions.punch_hole_may_keep_data(version)
-        graph = plan(ready.specs, replace(request.tuning, hole_guard=hole_guard), files)
+        graph_tuning = replace(request.tuning, hole_guard=hole_guard)
+        graph = plan(ready.specs, graph_tuning, files)
         for line in graph.describe():
             log.debug("plan: %s", line)
-        up = bring_up(graph, pass_fds=fds, cancel=reporter)
+        try:
+            up = bring_up(graph, pass_fds=fds, cancel=reporter)
+        except QemuError as e:
+            if not (graph.default_io_uring and "io_uring" in e.reason):
+                raise
+            # This QEMU or kernel (or a seccomp policy) has no io_uring: the thread pool, then.
+            log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
+            graph = plan(ready.specs, replace(graph_tuning, io_uring=False), files)
+            up = bring_up(graph, pass_fds=fds, cancel=reporter)
         failure: BaseException | None = None
         try:
             qemuversion.remember(binary, up.version)

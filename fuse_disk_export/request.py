@@ -193,7 +193,8 @@ def build_request(args: argparse.Namespace) -> ExportRequest:
         for r in images:
             if any(layer.format == "vmdk" for layer in r.spec.layers):
                 raise UsageError(
-                    "--aio io_uring: qemu-storage-daemon 7.2 hangs opening vmdk extents with it",
+                    "--aio io_uring: qemu-storage-daemon (7.2 and 10.0.2) can hang opening vmdk "
+                    "extents with it",
                     path=r.spec.image,
                 )
     _note_raw(args, images)

@@ -122,6 +122,8 @@ class Tuning:
     nbd_socket: str | None = None
     #: Keep writes one at a time on QEMUs whose FUSE export can mix up concurrent writes.
     write_guard: bool = True
+    #: Read-only exports read through io_uring unless ``aio`` says otherwise (`default_aio`).
+    io_uring: bool = True
     #: Make a punched hole in a writable FUSE export fail (EOPNOTSUPP) rather than keep old data
     #: (QEMU < 8.0 turns it into an advisory discard): see `_hole_guard`.
     hole_guard: bool = False
@@ -154,6 +156,8 @@ class BlockGraph:
     exports: tuple[ExportPlan, ...] = field(default=())
     #: See `Tuning.write_guard`.
     write_guard: bool = True
+    #: Some node reads through io_uring that the user did not ask for (`default_aio`).
+    default_io_uring: bool = False
 
     def all_steps(self) -> Iterable[Step]:
         for phase in self.phases:
@@ -188,7 +192,9 @@ def _common(tuning: Tuning) -> dict[str, object]:
     return args
 
 
-def _protocol_node(name: str, path: str, read_only: bool, tuning: Tuning) -> dict[str, object]:
+def _protocol_node(
+    name: str, path: str, read_only: bool, tuning: Tuning, aio: str | None = None
+) -> dict[str, object]:
     args: dict[str, object] = {
         "driver": "file",
         "node-name": name,
@@ -196,11 +202,25 @@ def _protocol_node(name: str, path: str, read_only: bool, tuning: Tuning) -> dic
         "read-only": read_only,
         **_common(tuning),
     }
-    # The thread pool stays the default although io_uring doubled random reads of read-only
-    # exports here: QEMU 7.2 hung for good opening a vmdk's extents with it (docs/benchmarks.md).
-    if tuning.aio is not None:
-        args["aio"] = tuning.aio
+    aio = tuning.aio or aio
+    if aio is not None:
+        args["aio"] = aio
     return args
+
+
+def default_aio(spec: ImageSpec, tuning: Tuning) -> str | None:
+    """The AIO backend of a spec's files when the user chose none.
+
+    io_uring for read-only exports: random reads at QD16 more than double (docs/benchmarks.md).
+    Not for writable ones, which the write guard keeps to one request at a time (no gain), and
+    never anywhere near a vmdk: QEMU 7.2 and 10.0.2 can hang for good opening a vmdk's extents
+    with it.  A QEMU or kernel without io_uring makes the setup fall back (`without_io_uring`).
+    """
+    if tuning.aio is not None or not tuning.io_uring or spec.writable:
+        return None
+    if any(layer.format == "vmdk" for layer in spec.layers):
+        return None
+    return "io_uring"
 
 
 def _format_node(
@@ -254,6 +274,7 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
         steps.append(Step(spec.image, Command("blockdev-add", args)))
         return name
 
+    aio = default_aio(spec, tuning)
     below = add(_nbd_client(prefix, spec.nbd_source)) if spec.nbd_source else None
     layers = () if spec.nbd_source else spec.layers if spec.backing == "safe" else spec.layers[:1]
     # Open from the bottom of the chain up, so each overlay can name the node below it.
@@ -261,7 +282,7 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
         layer = layers[depth]
         top = depth == 0
         read_only = layer.read_only or not (top and spec.writable)
-        file_node = add(_protocol_node(f"{prefix}-file{depth}", layer.path, read_only, tuning))
+        file_node = add(_protocol_node(f"{prefix}-file{depth}", layer.path, read_only, tuning, aio))
         fmt = _format_node(f"{prefix}-fmt{depth}", layer, file_node, read_only, tuning)
         if layer.format in BACKING_FORMATS:
             if spec.backing == "none" or (spec.backing == "safe" and below is None):
@@ -270,7 +291,7 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
                 fmt["backing"] = below
         if top and spec.data_file is not None:
             fmt["data-file"] = add(
-                _protocol_node(f"{prefix}-data", spec.data_file, read_only, tuning)
+                _protocol_node(f"{prefix}-data", spec.data_file, read_only, tuning, aio)
             )
         if top and spec.key_secret is not None:
             if layer.format == "luks":
@@ -428,4 +449,9 @@ def plan(
         nbd, names = _nbd_steps(specs, tops, tuning, tuning.nbd_socket)
         mounts[:0] = nbd
         exports = [replace(e, nbd_name=n) for e, n in zip(exports, names, strict=True)]
-    return BlockGraph((tuple(opens), tuple(mounts)), tuple(exports), tuning.write_guard)
+    return BlockGraph(
+        (tuple(opens), tuple(mounts)),
+        tuple(exports),
+        tuning.write_guard,
+        any(default_aio(spec, tuning) for spec in specs),
+    )

@@ -91,7 +91,7 @@ def test_explain_maps_a_failed_option_to_its_image() -> None:
 
 
 def test_qemu_defaults_are_left_out() -> None:
-    nodes = plan([spec(writable=False)]).phases[0]
+    nodes = plan([spec()]).phases[0]
     assert all("cache" not in s.do.args and "detect-zeroes" not in s.do.args for s in nodes)
     assert all("aio" not in s.do.args for s in nodes)
     assert all(s.do.args["discard"] == "unmap" for s in nodes), "QEMU's default is ignore"
@@ -189,3 +189,22 @@ def test_hole_guard_goes_on_writable_fuse_exports_only() -> None:
         s.do.args.get("driver") == "blkdebug"
         for s in plan([spec()], Tuning(hole_guard=True, nbd_socket="/x.sock")).all_steps()
     )
+
+
+def test_read_only_exports_read_through_io_uring_by_default() -> None:
+    def aio(graph_specs: list[ImageSpec], tuning: Tuning | None = None) -> list[object]:
+        graph = plan(graph_specs, tuning)
+        return [
+            s.do.args.get("aio") for s in graph.all_steps() if s.do.args.get("driver") == "file"
+        ]
+
+    assert aio([spec(writable=False)]) == ["io_uring"]
+    assert plan([spec(writable=False)]).default_io_uring
+    assert aio([spec()]) == [None]  # writable: the write guard serializes anyway
+    vmdk = spec("/img/b.vmdk", layers=(Layer("/img/b.vmdk", "vmdk"),), writable=False)
+    assert aio([vmdk]) == [None]  # QEMU can hang opening vmdk extents with io_uring
+    chain = (Layer("/i/top.qcow2", "qcow2"), Layer("/i/base.vmdk", "vmdk", read_only=True))
+    assert aio([spec("/i/top.qcow2", layers=chain, writable=False)]) == [None, None]
+    assert aio([spec(writable=False)], Tuning(aio="threads")) == ["threads"]
+    assert not plan([spec(writable=False)], Tuning(aio="io_uring")).default_io_uring
+    assert aio([spec(writable=False)], Tuning(io_uring=False)) == [None]
