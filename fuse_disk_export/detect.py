@@ -22,8 +22,7 @@ import re
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from fuse_disk_export.errors import ImageError
 
@@ -54,8 +53,7 @@ _NAME_MAX: Final = 1023  # longest backing name qcow/qcow2 accept
 _PATH_MAX: Final = 4095  # longest name QED and vmdk read (a PATH_MAX buffer)
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     """What the header of one image says, as much as the caller needs to plan an export.
 
     ``format`` is a QEMU driver name.  ``virtual_size`` is in bytes, the size QEMU will expose
@@ -350,8 +348,7 @@ _QCOW2_EXT_CRYPTO: Final = 0x0537BE77
 _QCOW2_CRYPT_LUKS: Final = 2
 
 
-@dataclass(frozen=True)
-class _Qcow2Header:
+class _Qcow2Header(NamedTuple):
     version: int
     backing_offset: int
     backing_size: int
@@ -374,11 +371,13 @@ class _Qcow2Header:
         return 1 << self.cluster_bits
 
 
-@dataclass
 class _Qcow2Extensions:
-    backing_format: str | None = None
-    data_file: str | None = None
-    crypto_header: bool = False
+    """What the header extensions add, filled in as they are read."""
+
+    def __init__(self) -> None:
+        self.backing_format: str | None = None
+        self.data_file: str | None = None
+        self.crypto_header = False
 
 
 def _parse_qcow2(src: _Source, head: bytes) -> ImageInfo:

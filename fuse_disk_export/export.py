@@ -12,12 +12,11 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from fuse_disk_export import notify, pidwatch, state, stopsignals
 from fuse_disk_export.engine import qemuversion, versions, writeguard
-from fuse_disk_export.engine.bringup import bring_up, secret_files
+from fuse_disk_export.engine.bringup import bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import Tuning, plan
 from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import MountError, QemuError
@@ -33,18 +32,17 @@ log = logging.getLogger(__name__)
 READY_LINE = "All exports set up, ^C to revert"
 
 
-@dataclass(frozen=True)
-class ExportRequest:
+class ExportRequest(NamedTuple):
     """Everything one invocation exports, already resolved to absolute paths."""
 
     images: Sequence[Resolved]
-    tuning: Tuning = field(default_factory=Tuning)
+    tuning: Tuning = Tuning()
     pid_file: str | None = None
     quiet: bool = False
     #: Per image: overlay and snapshot server to prepare (empty: none for any image).
     preparations: Sequence[Preparation] = ()
     #: QMP secret objects to create, id -> passphrase.
-    secrets: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] | None = None
 
 
 def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
@@ -78,13 +76,13 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
         specs = [r.spec for r in request.images]
         needs = request.preparations or [Preparation()] * len(specs)
         ready = cleanup.enter_context(prepared(specs, needs))
-        files, fds = cleanup.enter_context(secret_files(request.secrets))
+        files, fds = cleanup.enter_context(secret_files(request.secrets or {}))
         binary = find_binary()
         # Planned for the QEMU that will answer (the plan goes on its command line); unknown
         # counts as old: the hole guard costs speed where it is not needed, never data.
         version = qemuversion.of(binary)
         hole_guard = version is None or versions.punch_hole_may_keep_data(version)
-        graph_tuning = replace(request.tuning, hole_guard=hole_guard)
+        graph_tuning = request.tuning._replace(hole_guard=hole_guard)
         graph = plan(ready.specs, graph_tuning, files)
         for line in graph.describe():
             log.debug("plan: %s", line)
@@ -95,7 +93,7 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
                 raise
             # This QEMU or kernel (or a seccomp policy) has no io_uring: the thread pool, then.
             log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
-            graph = plan(ready.specs, replace(graph_tuning, io_uring=False), files)
+            graph = plan(ready.specs, graph_tuning._replace(io_uring=False), files)
             up = bring_up(graph, pass_fds=fds, cancel=reporter)
         failure: BaseException | None = None
         try:
@@ -118,7 +116,7 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
                         pid=os.getpid(),
                         daemon_pid=up.spawned.process.pid,
                         since=since,
-                        warnings=warnings.about(r.spec.mountpoint, r.spec.image),
+                        warnings=tuple(warnings.about(r.spec.mountpoint, r.spec.image)),
                     )
                     for r in request.images
                 ]
@@ -133,14 +131,22 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
         except BaseException as e:
             failure = e
         logging.getLogger().removeHandler(warnings)
-        import asyncio
-
-        from fuse_disk_export.engine.session import Session
-
-        session = Session(graph, up, on_stop=notify.stopping)
-        asyncio.run(session.serve(live=failure is None))
         if failure is not None:
+            terminate(up, graph)
             raise failure
+        try:
+            # Live: asyncio and qemu.qmp serve from here on.  A stop signal while they load cuts
+            # the loading short, and the daemon is stopped without them.
+            with stopsignals.interruptible():
+                import asyncio
+
+                from fuse_disk_export.engine.session import Session
+        except stopsignals.StopRequested as e:
+            log.info("%s received, reverting", e)
+            notify.stopping()
+            terminate(up, graph)
+            return 0
+        asyncio.run(Session(graph, up, on_stop=notify.stopping).serve())
     return 0
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from fuse_disk_export import detect, mounts, state
 from fuse_disk_export.engine.graph import Backing, ImageSpec, Layer, Slice
@@ -45,8 +45,7 @@ MAX_CHAIN = 64
 MOUNT_CHECK_TIMEOUT = 0.3
 
 
-@dataclass(frozen=True)
-class ImageOptions:
+class ImageOptions(NamedTuple):
     """How the user asked every image of an invocation to be opened."""
 
     format: str | None = None
@@ -58,13 +57,12 @@ class ImageOptions:
     load_snapshot: str | None = None
 
 
-@dataclass(frozen=True)
-class Resolved:
+class Resolved(NamedTuple):
     """One image after inspection: the spec to plan, plus what ``--list`` and ``-v`` show."""
 
     spec: ImageSpec
     info: detect.ImageInfo
-    chain: tuple[str, ...] = field(default=())
+    chain: tuple[str, ...] = ()
     #: The mount point does not exist yet: create it before mounting, remove it after.
     creates_mountpoint: bool = False
 

@@ -10,7 +10,6 @@ also receives qemu-storage-daemon's own messages, as the daemon's stderr), else 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 from typing import IO
 

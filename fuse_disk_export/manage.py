@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TextIO
 
 from fuse_disk_export import mounts, state
@@ -79,7 +79,7 @@ def list_exports(*, as_json: bool = False, out: TextIO | None = None) -> int:
         return 0
     try:
         if as_json:
-            out.write(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+            out.write(json.dumps([r._asdict() for r in records], indent=2) + "\n")
         elif out.isatty():
             _print_table(records, out)
         else:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from fuse_disk_export.engine.graph import ImageSpec
 from fuse_disk_export.errors import ImageError, RequirementError
@@ -24,8 +24,7 @@ from fuse_disk_export.errors import ImageError, RequirementError
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Preparation:
+class Preparation(NamedTuple):
     """What each image needs besides its own files."""
 
     #: Virtual size of the disk the overlay goes on (``--snapshot``); None: no overlay.
@@ -34,12 +33,14 @@ class Preparation:
     load_snapshot: str | None = None
 
 
-@dataclass
 class Prepared:
-    specs: list[ImageSpec]
-    directory: str = ""
-    overlays: list[str] = field(default_factory=list)
-    servers: list[int] = field(default_factory=list)
+    """The specs to plan, and the temporary files and helper processes they use."""
+
+    def __init__(self, specs: list[ImageSpec], directory: str = "") -> None:
+        self.specs = specs
+        self.directory = directory
+        self.overlays: list[str] = []
+        self.servers: list[int] = []
 
     def forget_overlays(self) -> None:
         """Unlink the overlays once QEMU has them open: nothing is left even after a SIGKILL."""
@@ -126,11 +127,11 @@ def prepared(specs: Sequence[ImageSpec], needs: Sequence[Preparation]) -> Iterat
                 if need.load_snapshot:
                     socket_path, pid = _serve_snapshot(directory, spec, need.load_snapshot)
                     result.servers.append(pid)
-                    spec = replace(spec, nbd_source=socket_path)
+                    spec = spec._replace(nbd_source=socket_path)
                 if need.overlay_size is not None:
                     overlay = _create_overlay(directory, spec, need.overlay_size)
                     result.overlays.append(overlay)
-                    spec = replace(spec, overlay=overlay)
+                    spec = spec._replace(overlay=overlay)
                 result.specs.append(spec)
             yield result
         finally:

@@ -11,7 +11,6 @@ import logging
 import os
 import stat
 import sys
-from dataclasses import replace
 
 from fuse_disk_export.engine.graph import Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
@@ -139,7 +138,7 @@ def _with_partitions(
 
     tables = read_tables([r.spec for r in images], secrets)
     return [
-        replace(r, spec=replace(r.spec, slice=partition_slice(t, number, r.spec.image)))
+        r._replace(spec=r.spec._replace(slice=partition_slice(t, number, r.spec.image)))
         for r, t in zip(images, tables, strict=True)
     ]
 
@@ -221,7 +220,7 @@ def list_partitions(args: argparse.Namespace) -> int:
 
     preflight.check_daemon()
     preflight.check_fuse()
-    options = replace(_options(args), read_only=True)
+    options = _options(args)._replace(read_only=True)
     images = [resolve(image, options) for image in args.images]
     tables = read_tables([r.spec for r in images], _secrets(args, images))
     for r, table in zip(images, tables, strict=True):

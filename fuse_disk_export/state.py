@@ -13,13 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class ExportRecord:
+class ExportRecord(NamedTuple):
     """One live export, as ``--list`` shows it."""
 
     image: str
@@ -34,25 +31,32 @@ class ExportRecord:
     #: that a later process with the same pid is not taken for it.
     started: float | None = None
     #: What went wrong or is risky about this export, as warned when it was set up.
-    warnings: list[str] = field(default_factory=list)
+    warnings: tuple[str, ...] = ()
 
 
-def registry_dir() -> Path:
+# Plain os.path and os.open here, not pathlib and tempfile: this is on the path to live, where
+# their imports cost more than everything this module does (docs/benchmarks.md).
+
+
+def registry_dir() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "fuse-disk-export"
+        return os.path.join(runtime, "fuse-disk-export")
     if os.geteuid() == 0:
-        return Path("/run/fuse-disk-export")
-    return Path(tempfile.gettempdir()) / f"fuse-disk-export-{os.geteuid()}"
+        return "/run/fuse-disk-export"
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"fuse-disk-export-{os.geteuid()}")
 
 
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
     """Write ``text`` to ``path`` so that readers see either nothing or all of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -60,8 +64,8 @@ def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
         raise
 
 
-def _entry_path(pid: int) -> Path:
-    return registry_dir() / f"{pid}.json"
+def _entry_path(pid: int) -> str:
+    return os.path.join(registry_dir(), f"{pid}.json")
 
 
 def process_start_time(pid: int) -> float | None:
@@ -84,17 +88,16 @@ def process_start_time(pid: int) -> float | None:
 
 def register(records: list[ExportRecord]) -> None:
     """Record this process's live exports."""
-    directory = registry_dir()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.makedirs(registry_dir(), mode=0o700, exist_ok=True)
     pid = records[0].pid if records else os.getpid()
     started = process_start_time(pid)
-    records = [r if r.started is not None else replace(r, started=started) for r in records]
-    write_atomically(_entry_path(pid), json.dumps([asdict(r) for r in records]), 0o600)
+    records = [r if r.started is not None else r._replace(started=started) for r in records]
+    write_atomically(_entry_path(pid), json.dumps([r._asdict() for r in records]), 0o600)
 
 
 def unregister(pid: int | None = None) -> None:
     with contextlib.suppress(OSError):
-        _entry_path(os.getpid() if pid is None else pid).unlink()
+        os.unlink(_entry_path(os.getpid() if pid is None else pid))
 
 
 # How far psutil's create_time may drift from the one recorded: both add the boot time, which the
@@ -118,10 +121,13 @@ def is_running(pid: int, started: float | None = None) -> bool:
         return True
 
 
-def _read_entry(file: Path) -> list[ExportRecord]:
+def _read_entry(file: str) -> list[ExportRecord]:
     try:
-        raw = json.loads(file.read_text())
-        return [ExportRecord(**item) for item in raw]
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+        return [
+            ExportRecord(**{**item, "warnings": tuple(item.get("warnings", ()))}) for item in raw
+        ]
     except (OSError, ValueError, TypeError):
         return []
 
@@ -129,19 +135,22 @@ def _read_entry(file: Path) -> list[ExportRecord]:
 def live_records() -> list[ExportRecord]:
     """Every export whose serving process still runs; stale entries are removed."""
     records: list[ExportRecord] = []
+    directory = registry_dir()
     try:
-        files = sorted(registry_dir().glob("*.json"))
+        names = sorted(os.listdir(directory))
     except OSError:
         return records
-    for file in files:
-        if not file.stem.isdigit():
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext != ".json" or not stem.isdigit():
             continue
+        file = os.path.join(directory, name)
         entry = _read_entry(file)
         if not entry:
             continue  # gone meanwhile, or not ours to judge (entries are written atomically)
-        if not is_running(int(file.stem), entry[0].started):
+        if not is_running(int(stem), entry[0].started):
             with contextlib.suppress(OSError):
-                file.unlink()
+                os.unlink(file)
             continue
         records.extend(entry)
     return sorted(records, key=lambda r: r.since)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 from fuse_disk_export.engine.bringup import bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, plan
@@ -20,8 +19,7 @@ from fuse_disk_export.partitions import PartitionTable, read_table
 
 
 def _read_only_view(spec: ImageSpec, mountpoint: str) -> ImageSpec:
-    return replace(
-        spec,
+    return spec._replace(
         layers=tuple(Layer(layer.path, layer.format, read_only=True) for layer in spec.layers),
         mountpoint=mountpoint,
         writable=False,

@@ -22,8 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from fuse_disk_export import mounts, stopsignals
 from fuse_disk_export.engine.graph import BlockGraph
@@ -51,8 +50,7 @@ class Cancellable(Protocol):
         """The stop signal's name (or why), once the setup is called off; else None."""
 
 
-@dataclass
-class Up:
+class Up(NamedTuple):
     """A daemon with every export of its graph mounted; its QMP greeting not yet read."""
 
     spawned: Spawned
@@ -246,15 +244,23 @@ def _died(spawned: Spawned, graph: BlockGraph, before: set[int]) -> FdeError:
     return error
 
 
-def terminate(up: Up, graph: BlockGraph, timeout: float = 5.0) -> None:
-    """Stop a daemon without QMP (SIGTERM: it removes its exports, flushes and closes its nodes,
-    as on ``quit``), and detach whatever it left mounted."""
+def terminate(up: Up, graph: BlockGraph, timeout: float = 5.0) -> int:
+    """Stop a daemon without QMP and return its exit status.
+
+    SIGTERM makes qemu-storage-daemon do what ``quit`` does: remove every export, then flush and
+    close every node.  Whatever it leaves mounted is detached.
+    """
     process = up.spawned.process
-    process.terminate()
+    pidfd = os.pidfd_open(process.pid)
     try:
-        process.wait(timeout)
-    except Exception:
-        log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
-        process.kill()
+        process.send_signal(signal.SIGTERM)
+        if not select.select([pidfd], [], [], timeout)[0]:
+            log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
+            process.kill()
+    finally:
+        os.close(pidfd)
+    status = process.wait()
     up.spawned.abandon()
     _detach_new(graph, set())
+    log.debug("qemu-storage-daemon %s", describe_exit(status))
+    return status

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Backing = Literal["safe", "none", "any"]
 AllowOther = Literal["auto", "on", "off"]
@@ -24,8 +23,7 @@ AllowOther = Literal["auto", "on", "off"]
 BACKING_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk"})
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """One QMP command: its name and arguments, exactly as sent."""
 
     name: str
@@ -41,8 +39,7 @@ OPTIONS = {
 }
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """A command that adds something, and the image it is for (for errors).
 
     Nothing is removed one by one: ``quit`` removes every export, then flushes and closes every
@@ -63,8 +60,7 @@ class Step:
         return OPTIONS[self.do.name], json.dumps(args, separators=(",", ":"))
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(NamedTuple):
     """One file of an image's chain: absolute path, QEMU format driver, opened read-only or not."""
 
     path: str
@@ -72,16 +68,14 @@ class Layer:
     read_only: bool = False
 
 
-@dataclass(frozen=True)
-class Slice:
+class Slice(NamedTuple):
     """A byte range of the virtual disk exported on its own (a partition)."""
 
     offset: int
     size: int
 
 
-@dataclass(frozen=True)
-class ImageSpec:
+class ImageSpec(NamedTuple):
     """Everything the planner needs about one image to export.
 
     :param image: the image as the user named it, for messages.
@@ -106,8 +100,7 @@ class ImageSpec:
     nbd_source: str | None = None
 
 
-@dataclass(frozen=True)
-class Tuning:
+class Tuning(NamedTuple):
     """Options that apply to every image of an invocation."""
 
     allow_other: AllowOther = "auto"
@@ -129,8 +122,7 @@ class Tuning:
     hole_guard: bool = False
 
 
-@dataclass(frozen=True)
-class ExportPlan:
+class ExportPlan(NamedTuple):
     """One FUSE export of the graph: what users will see and where."""
 
     export_id: str
@@ -143,8 +135,7 @@ class ExportPlan:
     hole_guard: bool = False
 
 
-@dataclass(frozen=True)
-class BlockGraph:
+class BlockGraph(NamedTuple):
     """Nodes and exports of one invocation, as phases of steps.
 
     Steps within a phase do not depend on one another's *success* being known in advance, so they
@@ -153,7 +144,7 @@ class BlockGraph:
     """
 
     phases: tuple[tuple[Step, ...], ...]
-    exports: tuple[ExportPlan, ...] = field(default=())
+    exports: tuple[ExportPlan, ...] = ()
     #: See `Tuning.write_guard`.
     write_guard: bool = True
     #: Some node reads through io_uring that the user did not ask for (`default_aio`).
@@ -448,7 +439,7 @@ def plan(
         # NBD exports go first: were they to fail, no FUSE mount has been made yet.
         nbd, names = _nbd_steps(specs, tops, tuning, tuning.nbd_socket)
         mounts[:0] = nbd
-        exports = [replace(e, nbd_name=n) for e, n in zip(exports, names, strict=True)]
+        exports = [e._replace(nbd_name=n) for e, n in zip(exports, names, strict=True)]
     return BlockGraph(
         (tuple(opens), tuple(mounts)),
         tuple(exports),

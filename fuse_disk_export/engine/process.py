@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fuse_disk_export.errors import LockedError, QemuError, RequirementError
 
@@ -117,8 +117,7 @@ class StderrTap:
             self.fd = -1
 
 
-@dataclass
-class Spawned:
+class Spawned(NamedTuple):
     """A qemu-storage-daemon just started, our end of its QMP socket, and its stderr."""
 
     process: subprocess.Popen[bytes]

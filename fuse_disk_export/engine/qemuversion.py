@@ -28,7 +28,8 @@ def _key(binary: str) -> str:
 
 def _load() -> dict[str, list[int]]:
     try:
-        data = json.loads((state.registry_dir() / _CACHE).read_text())
+        with open(os.path.join(state.registry_dir(), _CACHE), encoding="utf-8") as f:
+            data = json.load(f)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -44,8 +45,8 @@ def remember(binary: str, version: QemuVersion) -> None:
         known = {k: v for k, v in known.items() if not k.startswith(key.split(":", 1)[0] + ":")}
         known[key] = list(version)
         directory = state.registry_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        state.write_atomically(directory / _CACHE, json.dumps(known), mode=0o600)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        state.write_atomically(os.path.join(directory, _CACHE), json.dumps(known), mode=0o600)
 
 
 def of(binary: str) -> QemuVersion | None:

@@ -55,9 +55,8 @@ class Session:
                 self.on_stop()
         self._stop.set()
 
-    async def serve(self, *, live: bool = True) -> None:
-        """Serve until a stop signal, then revert; with ``live`` False, revert at once (the setup
-        was interrupted or failed after the daemon came up).
+    async def serve(self) -> None:
+        """Serve until a stop signal, then revert.
 
         :raise QemuError: the daemon died while serving (its mounts have been detached).
         """
@@ -74,8 +73,7 @@ class Session:
                 # It died before we could take it over: as a death while serving.
                 raise self._died(self.up.spawned.process.wait()) from None
             try:
-                if live:
-                    await self._wait(daemon)
+                await self._wait(daemon)
             finally:
                 await self._revert(daemon)
         finally:
