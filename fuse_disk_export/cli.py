@@ -8,10 +8,24 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from fuse_disk_export import __version__, stopsignals
+from fuse_disk_export.engine.graph import AllowOther, Backing
 from fuse_disk_export.errors import FdeError, UsageError
+from fuse_disk_export.options import (
+    AIO_MODES,
+    ALLOW_OTHER_MODES,
+    BACKING_MODES,
+    CACHE_MODES,
+    DETECT_ZEROES_MODES,
+    DISCARD_MODES,
+    Aio,
+    Cache,
+    DetectZeroes,
+    Discard,
+    Options,
+)
 
 PROG = "fuse-disk-export"
 USAGE = "%(prog)s [options] IMAGE...\n       %(prog)s --list [--json] | --stop PATH|PID..."
@@ -29,8 +43,6 @@ Images a guest could write to may be hostile: see the README's security note.
 """
 
 log = logging.getLogger("fuse_disk_export")
-
-CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -84,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backing",
-        choices=("safe", "none", "any"),
+        choices=BACKING_MODES,
         default="safe",
         help="backing files: safe (default) plain files only; none; any (unsafe)",
     )
     p.add_argument(
         "--allow-other",
-        choices=("auto", "on", "off"),
+        choices=ALLOW_OTHER_MODES,
         default="auto",
         help="let other users access the exports (default auto: try, fall back)",
     )
@@ -141,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--discard",
-        choices=("ignore", "unmap"),
+        choices=DISCARD_MODES,
         default="unmap",
         help="discard/TRIM through the export: unmap (default) frees space",
     )
     p.add_argument(
         "--detect-zeroes",
-        choices=("off", "on", "unmap"),
+        choices=DETECT_ZEROES_MODES,
         default="off",
         help="detect writes of zeroes, write them efficiently (default off)",
     )
@@ -160,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--aio",
-        choices=("threads", "native", "io_uring"),
+        choices=AIO_MODES,
         metavar="MODE",
         help="AIO: threads, native (needs --cache none/directsync), io_uring",
     )
@@ -217,6 +229,66 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
+READY_LINE = "All exports set up, ^C to revert"
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """The typed options of argv (argparse has checked every choice already)."""
+    return Options(
+        images=tuple(args.images),
+        read_only=args.read_only,
+        format=args.format,
+        backing=cast(Backing, args.backing),
+        allow_other=cast(AllowOther, args.allow_other),
+        mountpoint=args.mountpoint,
+        mountpoint_dir=args.mountpoint_dir,
+        partition=args.partition,
+        nbd_socket=args.nbd_socket,
+        snapshot=args.snapshot,
+        load_snapshot=args.load_snapshot,
+        passphrase_file=args.passphrase_file,
+        discard=cast(Discard, args.discard),
+        detect_zeroes=cast(DetectZeroes, args.detect_zeroes),
+        cache=cast(Cache, args.cache),
+        aio=cast("Aio | None", args.aio),
+        write_guard=not args.no_write_guard,
+        pid_file=args.pid_file,
+    )
+
+
+def _ask_passphrase(images: Sequence[str]) -> str:
+    if not sys.stdin.isatty():
+        raise UsageError("is encrypted: give --passphrase-file FILE", path=images[0])
+    import getpass
+
+    with stopsignals.interruptible():  # a Ctrl-C at the prompt must not wait for Enter
+        return getpass.getpass(f"Passphrase for {', '.join(images)}: ")
+
+
+def _print_tables(options: Options) -> int:
+    from fuse_disk_export.partitions import TABLE_HEADINGS, format_table
+    from fuse_disk_export.request import partition_tables
+
+    for image, table in partition_tables(options, ask_passphrase=_ask_passphrase):
+        rows = format_table(table)
+        scheme = table.scheme.upper() if table.scheme != "none" else "no"
+        title = f"{image}: {scheme} partition table"
+        if sys.stdout.isatty():
+            from rich.console import Console
+            from rich.table import Table
+
+            view = Table(*TABLE_HEADINGS, title=title)
+            for row in rows:
+                view.add_row(*row)
+            Console().print(view)
+        else:
+            from fuse_disk_export.columns import plain_columns
+
+            print(title)
+            print(plain_columns([TABLE_HEADINGS, *rows]), end="")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.list or args.stop:
         with stopsignals.interruptible():
@@ -225,19 +297,24 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--json goes with --list")
     if args.log_file and not args.daemonize:
         raise UsageError("--log-file goes with -d (in the foreground, messages go to stderr)")
+    options = options_from(args)
+    if args.list_partitions:
+        return _print_tables(options)
 
     from fuse_disk_export.export import serve
-    from fuse_disk_export.request import build_request, list_partitions
+    from fuse_disk_export.request import build_request
 
-    if not args.images:
-        raise UsageError("no image given (see --help)")
-    if args.list_partitions:
-        return list_partitions(args)
-    request = build_request(args)
+    request = build_request(options, ask_passphrase=_ask_passphrase)
     log.debug("request built")
     stopsignals.check()
     if not args.daemonize:
-        exit_now(serve(request))
+
+        def ready(_warnings: Sequence[str]) -> None:
+            # The warnings are on stderr already.
+            if not args.quiet:
+                print(READY_LINE, flush=True)
+
+        exit_now(serve(request, on_live=ready))
 
     from fuse_disk_export import logs
     from fuse_disk_export.daemonize import Reporter, run_detached
@@ -247,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
     def work(reporter: Reporter) -> int:
         logs.setup_daemon(log_file, verbose=args.verbose)
         try:
-            return serve(request, reporter)
+            return serve(request, on_live=reporter.ready, cancel=reporter)
         except FdeError as e:
             # The one place a -d run's failure is reported: to the waiting parent if it has not
             # heard "live" (it prints the line), and to the log.

@@ -1,8 +1,8 @@
-"""One invocation, end to end: resolved images -> graph -> live session -> revert.
+"""One invocation, end to end: resolved images -> graph -> live daemon -> serve -> revert.
 
-The command line builds an `ExportRequest`; this module decides nothing about QEMU (graph does)
-and nothing about processes (session does): it wires them to the outside world — the pid file, the
-runtime registry, the "set up" line, the waiting parent.
+The command line (or the Python API) builds an `ExportRequest`; this module decides nothing about
+QEMU (graph does) and nothing about processes (bringup and session do): it wires them to the
+outside world — the pid file, the runtime registry, systemd — and reports live through a callback.
 """
 
 from __future__ import annotations
@@ -11,25 +11,20 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 from fuse_disk_export import notify, pidwatch, state, stopsignals
 from fuse_disk_export.engine import qemuversion, versions, writeguard
-from fuse_disk_export.engine.bringup import bring_up, secret_files, terminate
-from fuse_disk_export.engine.graph import Tuning, plan
+from fuse_disk_export.engine.bringup import Cancellable, Up, bring_up, secret_files, terminate
+from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
 from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import MountError, QemuError
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
-from fuse_disk_export.prepare import Preparation, prepared
-
-if TYPE_CHECKING:
-    from fuse_disk_export.daemonize import Reporter
+from fuse_disk_export.prepare import Preparation, prepare_images
 
 log = logging.getLogger(__name__)
-
-READY_LINE = "All exports set up, ^C to revert"
 
 
 class ExportRequest(NamedTuple):
@@ -38,32 +33,47 @@ class ExportRequest(NamedTuple):
     images: Sequence[Resolved]
     tuning: Tuning = Tuning()
     pid_file: str | None = None
-    quiet: bool = False
     #: Per image: overlay and snapshot server to prepare (empty: none for any image).
     preparations: Sequence[Preparation] = ()
-    #: QMP secret objects to create, id -> passphrase.
+    #: Secret objects to create, id -> passphrase (they reach QEMU through pipes).
     secrets: Mapping[str, str] | None = None
 
 
-def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
-    """Export, serve until a stop signal, revert.  Returns the exit status (0).
+class Live(NamedTuple):
+    """An invocation's exports, all mounted: the daemon, its graph, the setup's warnings."""
 
-    Live comes first, asyncio and qemu.qmp after: the graph is brought up from
-    qemu-storage-daemon's command line (`bring_up`), the writes guarded, the pid file written and
-    live reported; only then is the daemon taken over through QMP to serve and revert.
+    up: Up
+    graph: BlockGraph
+    warnings: list[str]
 
-    :param reporter: the waiting parent of a ``-d`` run, told once live (or, by the caller, why
-        not); a stop signal it passes on rolls the setup back.
-    :raise FdeError: setup failed or was interrupted (rolled back), or the daemon died while
-        serving (its mounts detached).
+
+@contextlib.contextmanager
+def live(
+    request: ExportRequest,
+    *,
+    cancel: Cancellable | None = None,
+    watch_signals: bool = True,
+    register: bool = True,
+) -> Iterator[Live]:
+    """Bring every export of ``request`` up; on leaving, take down whatever is still up.
+
+    Without asyncio or qemu.qmp: the graph goes on qemu-storage-daemon's command line
+    (`bring_up`), then the writes are guarded, and the pid file and the registry written.  On
+    leaving, a daemon that still runs is stopped (SIGTERM: it removes its exports, flushes and
+    closes its nodes), and every file this made is removed.
+
+    :param cancel: the waiting parent of a ``-d`` run; its stop signal rolls the setup back.
+    :param watch_signals: wake on stop signals during setup (the command line; an application
+        using the Python API keeps its signals to itself).
+    :raise FdeError: setup failed or was interrupted (nothing is left of it).
     """
     with contextlib.ExitStack() as cleanup:
         # Warnings of the setup reach a -d user through the waiting parent, and --list.
         warnings = _Warnings()
         logging.getLogger().addHandler(warnings)
         cleanup.callback(logging.getLogger().removeHandler, warnings)
-        cleanup.callback(state.unregister)
-        cleanup.callback(notify.stopping)
+        if register:
+            cleanup.callback(state.unregister)
         stopsignals.check()
         since = time.time()
         for r in request.images:
@@ -75,36 +85,37 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
             cleanup.callback(_remove_quietly, request.tuning.nbd_socket)
         specs = [r.spec for r in request.images]
         needs = request.preparations or [Preparation()] * len(specs)
-        ready = cleanup.enter_context(prepared(specs, needs))
+        prepared = cleanup.enter_context(prepare_images(specs, needs))
         files, fds = cleanup.enter_context(secret_files(request.secrets or {}))
         binary = find_binary()
         # Planned for the QEMU that will answer (the plan goes on its command line); unknown
         # counts as old: the hole guard costs speed where it is not needed, never data.
         version = qemuversion.of(binary)
         hole_guard = version is None or versions.punch_hole_may_keep_data(version)
-        graph_tuning = request.tuning._replace(hole_guard=hole_guard)
-        graph = plan(ready.specs, graph_tuning, files)
+        tuning = request.tuning._replace(hole_guard=hole_guard)
+        graph = plan(prepared.specs, tuning, files)
         for line in graph.describe():
             log.debug("plan: %s", line)
         try:
-            up = bring_up(graph, pass_fds=fds, cancel=reporter)
+            up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
         except QemuError as e:
             if not (graph.default_io_uring and "io_uring" in e.reason):
                 raise
             # This QEMU or kernel (or a seccomp policy) has no io_uring: the thread pool, then.
             log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
-            graph = plan(ready.specs, graph_tuning._replace(io_uring=False), files)
-            up = bring_up(graph, pass_fds=fds, cancel=reporter)
-        failure: BaseException | None = None
-        try:
-            qemuversion.remember(binary, up.version)
-            ready.forget_overlays()
-            writeguard.protect(graph, up.version)
+            graph = plan(prepared.specs, tuning._replace(io_uring=False), files)
+            up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
+        cleanup.callback(terminate, up, graph)
+        qemuversion.remember(binary, up.version)
+        prepared.forget_overlays()
+        writeguard.protect(graph, up.version)
+        if watch_signals:
             stopsignals.check()
-            if request.pid_file:
-                pid_file = PidFile(request.pid_file)
-                cleanup.callback(pid_file.release)
-                pidwatch.remove_pid_file_when_gone(request.pid_file)
+        if request.pid_file:
+            pid_file = PidFile(request.pid_file)
+            cleanup.callback(pid_file.release)
+            pidwatch.remove_pid_file_when_gone(request.pid_file)
+        if register:
             state.register(
                 [
                     state.ExportRecord(
@@ -121,22 +132,35 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
                     for r in request.images
                 ]
             )
-            live = ", ".join(r.spec.mountpoint for r in request.images)
-            if reporter is not None:
-                reporter.ready(warnings.messages)
-            elif not request.quiet:
-                print(READY_LINE, flush=True)
-            log.info("live: %s", live)
-            notify.ready(f"Exporting {live}")
-        except BaseException as e:
-            failure = e
         logging.getLogger().removeHandler(warnings)
-        if failure is not None:
-            terminate(up, graph)
-            raise failure
+        yield Live(up, graph, warnings.messages)
+
+
+def serve(
+    request: ExportRequest,
+    *,
+    on_live: Callable[[Sequence[str]], None],
+    cancel: Cancellable | None = None,
+) -> int:
+    """Export, serve until a stop signal, revert.  Returns the exit status (0).
+
+    Live comes first, asyncio and qemu.qmp after: `live` brings everything up, ``on_live`` is
+    told (with the setup's warnings: the command line prints its line, or tells the waiting
+    parent), and only then is the daemon taken over through QMP to serve and revert.
+
+    :param on_live: called once every export is live; an `FdeError` it raises reverts them.
+    :param cancel: the waiting parent of a ``-d`` run; its stop signal rolls the setup back.
+    :raise FdeError: setup failed or was interrupted (rolled back), or the daemon died while
+        serving (its mounts detached).
+    """
+    with live(request, cancel=cancel) as now:
+        on_live(now.warnings)
+        paths = ", ".join(r.spec.mountpoint for r in request.images)
+        log.info("live: %s", paths)
+        notify.ready(f"Exporting {paths}")
         try:
-            # Live: asyncio and qemu.qmp serve from here on.  A stop signal while they load cuts
-            # the loading short, and the daemon is stopped without them.
+            # asyncio and qemu.qmp serve from here on.  A stop signal while they load cuts the
+            # loading short; the daemon is then stopped without them, on leaving `live`.
             with stopsignals.interruptible():
                 import asyncio
 
@@ -144,9 +168,11 @@ def serve(request: ExportRequest, reporter: Reporter | None = None) -> int:
         except stopsignals.StopRequested as e:
             log.info("%s received, reverting", e)
             notify.stopping()
-            terminate(up, graph)
             return 0
-        asyncio.run(Session(graph, up, on_stop=notify.stopping).serve())
+        try:
+            asyncio.run(Session(now.graph, now.up, on_stop=notify.stopping).serve())
+        finally:
+            notify.stopping()
     return 0
 
 

@@ -2,8 +2,9 @@
 
 ``--snapshot`` needs an empty temporary qcow2 to take the writes; ``--load-snapshot`` needs a
 read-only qemu-nbd serving the internal snapshot (qemu-storage-daemon has no QMP command that
-loads one).  `prepared` makes them, hands back the specs that use them, and removes them whatever
-happens — the overlay is unlinked as soon as QEMU holds it open, so not even a SIGKILL leaves it.
+loads one).  `prepare_images` makes them, hands back the specs that use them, and removes them
+whatever happens — the overlay is unlinked as soon as QEMU holds it open, so not even a SIGKILL
+leaves it.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _serve_snapshot(directory: str, spec: ImageSpec, name: str) -> tuple[str, in
 
 
 @contextlib.contextmanager
-def prepared(specs: Sequence[ImageSpec], needs: Sequence[Preparation]) -> Iterator[Prepared]:
+def prepare_images(specs: Sequence[ImageSpec], needs: Sequence[Preparation]) -> Iterator[Prepared]:
     """Specs with overlays and snapshot servers in place; everything removed on exit."""
     if not any(n.overlay_size is not None or n.load_snapshot for n in needs):
         yield Prepared(list(specs))

@@ -145,6 +145,7 @@ def bring_up(
     *,
     pass_fds: list[int] | None = None,
     cancel: Cancellable | None = None,
+    watch_signals: bool = True,
 ) -> Up:
     """Start a qemu-storage-daemon that brings ``graph`` up; return once every export is live.
 
@@ -166,10 +167,11 @@ def bring_up(
     pidfd = os.pidfd_open(spawned.process.pid)
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)
-    try:
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    except ValueError:  # not the main thread: signals are someone else's business there
-        old_wakeup = None
+    old_wakeup = None
+    if watch_signals:
+        # Outside the main thread, signals are someone else's business.
+        with contextlib.suppress(ValueError):
+            old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     poller = select.poll()
     watched = [spawned.qmp_socket.fileno(), pidfd, wake_r.fileno(), spawned.stderr.fd]
     if cancel is not None and cancel.fileno >= 0:
@@ -192,7 +194,8 @@ def bring_up(
                     poller.unregister(cancel.fileno)
                     stopsignals.note(why)
                     stopped = stopped or why
-            stopped = stopped or stopsignals.first()
+            if watch_signals:
+                stopped = stopped or stopsignals.first()
             if stopped is not None and deadline is None:
                 log.info("%s during setup: rolling back once qemu-storage-daemon is up", stopped)
                 deadline = time.monotonic() + SETUP_GRACE
@@ -251,16 +254,19 @@ def terminate(up: Up, graph: BlockGraph, timeout: float = 5.0) -> int:
     close every node.  Whatever it leaves mounted is detached.
     """
     process = up.spawned.process
-    pidfd = os.pidfd_open(process.pid)
-    try:
-        process.send_signal(signal.SIGTERM)
-        if not select.select([pidfd], [], [], timeout)[0]:
-            log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
-            process.kill()
-    finally:
-        os.close(pidfd)
+    if process.poll() is None:
+        pidfd = os.pidfd_open(process.pid)
+        try:
+            process.send_signal(signal.SIGTERM)
+            if not select.select([pidfd], [], [], timeout)[0]:
+                log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
+                process.kill()
+        finally:
+            os.close(pidfd)
     status = process.wait()
     up.spawned.abandon()
-    _detach_new(graph, set())
+    left = _detach_new(graph, set())
+    if left:
+        log.warning("a mount was left on %s; detached it", ", ".join(left))
     log.debug("qemu-storage-daemon %s", describe_exit(status))
     return status

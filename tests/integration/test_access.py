@@ -288,7 +288,8 @@ from fuse_disk_export.engine.graph import Tuning
 from fuse_disk_export.export import ExportRequest, serve
 from fuse_disk_export.images import ImageOptions, resolve
 image = resolve(sys.argv[1], ImageOptions(read_only=True))
-sys.exit(serve(ExportRequest(images=[image], tuning=Tuning(aio="io_uring"))))
+request = ExportRequest(images=[image], tuning=Tuning(aio="io_uring"))
+sys.exit(serve(request, on_live=lambda warnings: print("live", flush=True)))
 """
 
 

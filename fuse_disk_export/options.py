@@ -1,0 +1,107 @@
+"""What one invocation asks for, typed, and checked in one place.
+
+The command line parses argv into an `Options`; the Python API (`fuse_disk_export.exported`)
+builds one from keyword arguments.  Everything below takes this object, and `check` is the one
+place where combinations of options are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from fuse_disk_export.engine.graph import AllowOther, Backing
+from fuse_disk_export.errors import UsageError
+
+Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
+Aio = Literal["threads", "native", "io_uring"]
+Discard = Literal["ignore", "unmap"]
+DetectZeroes = Literal["off", "on", "unmap"]
+
+CACHE_MODES: tuple[Cache, ...] = ("none", "writeback", "writethrough", "directsync", "unsafe")
+AIO_MODES: tuple[Aio, ...] = ("threads", "native", "io_uring")
+DISCARD_MODES: tuple[Discard, ...] = ("ignore", "unmap")
+DETECT_ZEROES_MODES: tuple[DetectZeroes, ...] = ("off", "on", "unmap")
+BACKING_MODES: tuple[Backing, ...] = ("safe", "none", "any")
+ALLOW_OTHER_MODES: tuple[AllowOther, ...] = ("auto", "on", "off")
+
+#: qemu-nbd's cache modes as (cache.direct, cache.no-flush, export writethrough).
+CACHE: dict[Cache, tuple[bool, bool, bool]] = {
+    "none": (True, False, False),
+    "writeback": (False, False, False),
+    "writethrough": (False, False, True),
+    "directsync": (True, False, True),
+    "unsafe": (False, True, False),
+}
+
+
+class Options(NamedTuple):
+    """One invocation's images and how to export them; the names are the command line's."""
+
+    images: tuple[str, ...]
+    read_only: bool = False
+    format: str | None = None
+    backing: Backing = "safe"
+    allow_other: AllowOther = "auto"
+    mountpoint: str | None = None
+    mountpoint_dir: str | None = None
+    partition: int | None = None
+    nbd_socket: str | None = None
+    snapshot: bool = False
+    load_snapshot: str | None = None
+    #: The passphrase's file (its first line), for LUKS images.
+    passphrase_file: str | None = None
+    #: The passphrase itself (the Python API; the command line never takes one in argv).
+    passphrase: str | None = None
+    discard: Discard = "unmap"
+    detect_zeroes: DetectZeroes = "off"
+    cache: Cache = "writeback"
+    aio: Aio | None = None
+    write_guard: bool = True
+    pid_file: str | None = None
+
+    @property
+    def changes_view(self) -> bool:
+        """Whether the export shows something other than the image's own virtual disk on it."""
+        return bool(
+            self.partition is not None
+            or self.snapshot
+            or self.mountpoint
+            or self.mountpoint_dir
+            or self.nbd_socket
+            or self.load_snapshot
+        )
+
+
+def _one_of(value: object, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise UsageError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def check(options: Options) -> None:
+    """Refuse values and combinations that make no sense, before anything is looked at.
+
+    :raise UsageError: the first problem found.
+    """
+    if not options.images:
+        raise UsageError("no image given (see --help)")
+    _one_of(options.cache, CACHE_MODES, "--cache")
+    _one_of(options.discard, DISCARD_MODES, "--discard")
+    _one_of(options.detect_zeroes, DETECT_ZEROES_MODES, "--detect-zeroes")
+    _one_of(options.backing, BACKING_MODES, "--backing")
+    _one_of(options.allow_other, ALLOW_OTHER_MODES, "--allow-other")
+    if options.aio is not None:
+        _one_of(options.aio, AIO_MODES, "--aio")
+    if options.aio == "native" and not CACHE[options.cache][0]:
+        raise UsageError("--aio native needs --cache none or directsync (O_DIRECT)")
+    if options.detect_zeroes == "unmap" and options.discard != "unmap":
+        raise UsageError("--detect-zeroes unmap needs --discard unmap")
+    if options.mountpoint and options.mountpoint_dir:
+        raise UsageError("-m/--mountpoint and --mountpoint-dir exclude each other")
+    if options.mountpoint and len(options.images) > 1:
+        raise UsageError("-m/--mountpoint takes one image; use --mountpoint-dir DIR for several")
+    if options.snapshot and options.load_snapshot:
+        raise UsageError("-l/--load-snapshot exports read-only; it cannot be used with --snapshot")
+    if options.partition is not None and options.load_snapshot:
+        raise UsageError("-P/--partition cannot be combined with -l/--load-snapshot")
+    if options.passphrase is not None and options.passphrase_file is not None:
+        raise UsageError("give the passphrase or its file, not both")
