@@ -12,11 +12,19 @@ Only the standard library's ``signal`` is imported here: this module runs before
 
 from __future__ import annotations
 
-import signal
+# _signal, the C module under signal: signal itself imports enum, which would keep the window in
+# which a stop signal can be lost open for milliseconds longer (CPython only, as is this project).
+import _signal  # type: ignore[import-not-found]
 from types import FrameType, TracebackType
 
 #: The signals that revert an export (and roll back one being set up).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS: tuple[int, ...] = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
+
+
+def _name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 _caught: list[int] = []
 _raise_now = False
@@ -27,7 +35,7 @@ class StopRequested(BaseException):
     """Raised by the handler inside `interruptible` (a prompt, a wait the user may abandon)."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(_name(signum))
         self.signum = signum
 
 
@@ -42,7 +50,7 @@ def record() -> None:
     global _recording
     _recording = True
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _record)
+        _signal.signal(sig, _record)
 
 
 def resume() -> None:
@@ -54,17 +62,19 @@ def resume() -> None:
 
 def note(signame: str) -> None:
     """Add a stop signal that another handler received (an asyncio loop's) to the record."""
+    import signal
+
     if signame in signal.Signals.__members__:
         _caught.append(int(signal.Signals[signame]))
 
 
 def caught() -> list[str]:
     """Names of the stop signals recorded so far, oldest first ("SIGINT", ...)."""
-    return [signal.Signals(n).name for n in _caught]
+    return [_name(n) for n in _caught]
 
 
 def first() -> str | None:
-    return signal.Signals(_caught[0]).name if _caught else None
+    return _name(_caught[0]) if _caught else None
 
 
 def check() -> None:
@@ -72,7 +82,7 @@ def check() -> None:
     if _caught:
         from fuse_disk_export.errors import Interrupted
 
-        raise Interrupted(signal.Signals(_caught[0]).name)
+        raise Interrupted(_name(_caught[0]))
 
 
 class interruptible:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Callable
 
 from fuse_disk_export import mounts, stopsignals
@@ -62,7 +63,7 @@ class Session:
         """
         loop = asyncio.get_running_loop()
         for sig in stopsignals.STOP_SIGNALS:
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         try:
             # Signals recorded since live was reported (while asyncio and qemu.qmp loaded).
             for name in stopsignals.caught():

@@ -1,0 +1,111 @@
+"""The Python API, for real: `exported` from plain code, inside a running asyncio loop, with an
+exception in the block, and with the calling process killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fuse_disk_export import FdeError, exported, exported_many
+from fuse_disk_export.errors import ImageError, UsageError
+from tests.conftest import image_format, is_mounted, pid_gone, qemu_img, wait_for
+from tests.integration.fault_helpers import MiB, assert_all_clean, daemons_using, io
+
+
+def make(path: Path, byte: int = 0x5A) -> Path:
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
+    io("qcow2", path, f"write -P {byte:#x} 0 1M")
+    return path
+
+
+def test_exported_in_plain_code(tmp_path: Path, qemu_tools: None) -> None:
+    img = make(tmp_path / "a.qcow2")
+    with exported(img) as raw:
+        assert raw == img and is_mounted(raw)
+        assert raw.stat().st_size == 16 * MiB
+        with open(raw, "r+b") as f:
+            assert f.read(4096) == b"\x5a" * 4096
+            f.seek(2 * MiB)
+            f.write(b"\x33" * 4096)
+        result = subprocess.run(["qemu-img", "info", "--force-share", raw], capture_output=True)
+        assert b"file format: raw" in result.stdout
+    assert not is_mounted(img) and image_format(img) == "qcow2"
+    io("qcow2", img, "read -P 0x33 2M 4k")
+    assert_all_clean(tmp_path)
+
+
+def test_exported_inside_a_running_event_loop(tmp_path: Path, qemu_tools: None) -> None:
+    img = make(tmp_path / "a.qcow2")
+
+    async def main() -> bytes:
+        await asyncio.sleep(0)
+        with exported(img, read_only=True) as raw:
+            data = await asyncio.to_thread(raw.read_bytes)
+            assert is_mounted(raw)
+        return data[:4096]
+
+    assert asyncio.run(main()) == b"\x5a" * 4096
+    assert not is_mounted(img)
+    assert_all_clean(tmp_path)
+
+
+def test_an_exception_in_the_block_reverts(tmp_path: Path, qemu_tools: None) -> None:
+    images = [make(tmp_path / f"{i}.qcow2") for i in range(3)]
+    with pytest.raises(RuntimeError, match="boom"), exported_many(images) as raws:
+        assert raws == images and all(is_mounted(r) for r in raws)
+        raise RuntimeError("boom")
+    assert not any(is_mounted(i) for i in images)
+    assert all(image_format(i) == "qcow2" for i in images)
+    assert_all_clean(tmp_path)
+
+
+def test_failures_raise_the_package_errors(tmp_path: Path, qemu_tools: None) -> None:
+    with pytest.raises(ImageError) as missing, exported(tmp_path / "missing.qcow2"):
+        pass
+    assert str(tmp_path / "missing.qcow2") in str(missing.value)
+    img = make(tmp_path / "a.qcow2")
+    with pytest.raises(UsageError, match="native needs"), exported(img, aio="native"):
+        pass
+    assert issubclass(UsageError, FdeError)
+    assert_all_clean(tmp_path)
+
+
+KILLED = """
+import sys, time
+from fuse_disk_export import exported
+with exported(sys.argv[1], mountpoint=sys.argv[2]) as raw:
+    print(raw, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_no_mount_is_left_when_the_caller_is_killed(tmp_path: Path, qemu_tools: None) -> None:
+    img = make(tmp_path / "a.qcow2")
+    view = tmp_path / "view.raw"
+    view.touch()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, str(img), str(view)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == str(view)
+        daemons = daemons_using(tmp_path)
+        assert is_mounted(view) and daemons
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: not is_mounted(view), 5, "the mount to go with the caller")
+        wait_for(lambda: all(pid_gone(d) for d in daemons), 5, "its qemu-storage-daemon to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    os.stat(view)  # not a dead mount
+    assert_all_clean(tmp_path)
