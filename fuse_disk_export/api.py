@@ -20,6 +20,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from fuse_disk_export.engine.graph import AllowOther, Backing
 from fuse_disk_export.options import Aio, Cache, DetectZeroes, Discard, Options
@@ -27,55 +28,47 @@ from fuse_disk_export.options import Aio, Cache, DetectZeroes, Discard, Options
 PathLike = str | os.PathLike[str]
 
 
-@contextlib.contextmanager
-def exported_many(
+class ExportOptions(TypedDict, total=False):
+    """The options `exported` and `exported_many` share: the command line's, by their long
+    names, with its defaults."""
+
+    read_only: bool
+    format: str | None
+    partition: int | None
+    snapshot: bool
+    load_snapshot: str | None
+    backing: Backing
+    passphrase: str | None
+    passphrase_file: PathLike | None
+    allow_other: AllowOther
+    discard: Discard
+    detect_zeroes: DetectZeroes
+    cache: Cache
+    aio: Aio | None
+    nbd_socket: PathLike | None
+    write_guard: bool
+
+
+def _path(value: PathLike | None) -> str | None:
+    return os.fspath(value) if value is not None else None
+
+
+def _options(
     images: Sequence[PathLike],
-    *,
-    read_only: bool = False,
-    format: str | None = None,
-    mountpoint_dir: PathLike | None = None,
-    partition: int | None = None,
-    snapshot: bool = False,
-    load_snapshot: str | None = None,
-    backing: Backing = "safe",
-    passphrase: str | None = None,
-    passphrase_file: PathLike | None = None,
-    allow_other: AllowOther = "auto",
-    discard: Discard = "unmap",
-    detect_zeroes: DetectZeroes = "off",
-    cache: Cache = "writeback",
-    aio: Aio | None = None,
-    nbd_socket: PathLike | None = None,
-    write_guard: bool = True,
-) -> Iterator[list[Path]]:
-    """Export every image of ``images`` (one qemu-storage-daemon, all or nothing) for the block;
-    yield the paths of their raw views, in order.  The options are the command line's.
-
-    :raise FdeError: (and its subclasses, `ImageError`, `QemuError`, ...) nothing could be
-        exported; nothing is left of the attempt.
-    """
-    options = Options(
+    mountpoint: PathLike | None,
+    mountpoint_dir: PathLike | None,
+    given: ExportOptions,
+) -> Options:
+    paths = {"passphrase_file", "nbd_socket"}
+    return Options(
         images=tuple(os.fspath(i) for i in images),
-        read_only=read_only,
-        format=format,
-        backing=backing,
-        allow_other=allow_other,
-        mountpoint_dir=os.fspath(mountpoint_dir) if mountpoint_dir is not None else None,
-        partition=partition,
-        nbd_socket=os.fspath(nbd_socket) if nbd_socket is not None else None,
-        snapshot=snapshot,
-        load_snapshot=load_snapshot,
-        passphrase=passphrase,
-        passphrase_file=os.fspath(passphrase_file) if passphrase_file is not None else None,
-        discard=discard,
-        detect_zeroes=detect_zeroes,
-        cache=cache,
-        aio=aio,
-        write_guard=write_guard,
+        mountpoint=_path(mountpoint),
+        mountpoint_dir=_path(mountpoint_dir),
+        **{k: _path(v) if k in paths else v for k, v in given.items()},  # type: ignore[arg-type]
     )
-    yield from _exported(options)
 
 
+@contextlib.contextmanager
 def _exported(options: Options) -> Iterator[list[Path]]:
     from fuse_disk_export.export import live
     from fuse_disk_export.request import build_request
@@ -86,49 +79,35 @@ def _exported(options: Options) -> Iterator[list[Path]]:
 
 
 @contextlib.contextmanager
+def exported_many(
+    images: Sequence[PathLike],
+    *,
+    mountpoint_dir: PathLike | None = None,
+    **options: Unpack[ExportOptions],
+) -> Iterator[list[Path]]:
+    """Export every image of ``images`` (one qemu-storage-daemon, all or nothing) for the block;
+    yield the paths of their raw views, in order.  The options are the command line's
+    (`ExportOptions`), ``mountpoint_dir`` is ``--mountpoint-dir``.
+
+    :raise FdeError: (and its subclasses, `ImageError`, `QemuError`, ...) nothing could be
+        exported; nothing is left of the attempt.
+    """
+    with _exported(_options(images, None, mountpoint_dir, options)) as paths:
+        yield paths
+
+
+@contextlib.contextmanager
 def exported(
     image: PathLike,
     *,
     mountpoint: PathLike | None = None,
-    read_only: bool = False,
-    format: str | None = None,
-    partition: int | None = None,
-    snapshot: bool = False,
-    load_snapshot: str | None = None,
-    backing: Backing = "safe",
-    passphrase: str | None = None,
-    passphrase_file: PathLike | None = None,
-    allow_other: AllowOther = "auto",
-    discard: Discard = "unmap",
-    detect_zeroes: DetectZeroes = "off",
-    cache: Cache = "writeback",
-    aio: Aio | None = None,
-    nbd_socket: PathLike | None = None,
-    write_guard: bool = True,
+    **options: Unpack[ExportOptions],
 ) -> Iterator[Path]:
     """Export ``image`` for the block; yield the path of its raw view (the image's own path,
-    or ``mountpoint``).  The options are the command line's (``mountpoint`` is ``-m``).
+    or ``mountpoint``).  The options are the command line's (`ExportOptions`), ``mountpoint``
+    is ``-m``.
 
     :raise FdeError: (and its subclasses) nothing could be exported; nothing is left of it.
     """
-    options = Options(
-        images=(os.fspath(image),),
-        read_only=read_only,
-        format=format,
-        backing=backing,
-        allow_other=allow_other,
-        mountpoint=os.fspath(mountpoint) if mountpoint is not None else None,
-        partition=partition,
-        nbd_socket=os.fspath(nbd_socket) if nbd_socket is not None else None,
-        snapshot=snapshot,
-        load_snapshot=load_snapshot,
-        passphrase=passphrase,
-        passphrase_file=os.fspath(passphrase_file) if passphrase_file is not None else None,
-        discard=discard,
-        detect_zeroes=detect_zeroes,
-        cache=cache,
-        aio=aio,
-        write_guard=write_guard,
-    )
-    for paths in _exported(options):
+    with _exported(_options((image,), mountpoint, None, options)) as paths:
         yield paths[0]

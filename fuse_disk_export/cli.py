@@ -196,13 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH|PID",
         help="revert the exports on PATH or of PID; wait until done",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="show the block graph, QMP traffic and tracebacks",
+        "-v", "--verbose", action="store_true", help="show the plan, QMP traffic and tracebacks"
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}", help=argparse.SUPPRESS
     )

@@ -94,8 +94,9 @@ def live(
         hole_guard = version is None or versions.punch_hole_may_keep_data(version)
         tuning = request.tuning._replace(hole_guard=hole_guard)
         graph = plan(prepared.specs, tuning, files)
-        for line in graph.describe():
-            log.debug("plan: %s", line)
+        if log.isEnabledFor(logging.DEBUG):
+            for line in graph.describe():
+                log.debug("plan: %s", line)
         try:
             up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
         except QemuError as e:

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
 from fuse_disk_export.errors import RequirementError
@@ -75,9 +75,26 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
+_held: list[list[MountEntry]] = []
+
+
 def read_mounts() -> list[MountEntry]:
+    """This process's mount table (inside `one_reading`, the one read when it began)."""
+    if _held:
+        return _held[-1]
     with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
         return parse_mountinfo(f.read())
+
+
+@contextlib.contextmanager
+def one_reading() -> Iterator[None]:
+    """Within the block, the mount table is read once: for inspecting many paths (128 images
+    each checked for a mount read it 128 times).  Not for waiting on a mount to change."""
+    _held.append(read_mounts())
+    try:
+        yield
+    finally:
+        _held.pop()
 
 
 def mount_at(path: str, mounts: list[MountEntry] | None = None) -> MountEntry | None:

@@ -13,6 +13,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 
+from fuse_disk_export import mounts
 from fuse_disk_export import options as opts
 from fuse_disk_export.engine.graph import Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
@@ -138,6 +139,21 @@ def _note_raw(options: Options, images: list[Resolved]) -> None:
             )
 
 
+def _resolve(options: Options) -> list[Resolved]:
+    image_options = _image_options(options)
+    targets = _mountpoints(options)
+    if not any(targets):
+        return resolve_all(options.images, image_options)
+    images = [
+        resolve(i, image_options, mountpoint=m)
+        for i, m in zip(options.images, targets, strict=True)
+    ]
+    seen = [r.spec.mountpoint for r in images]
+    if len(set(seen)) != len(seen):
+        raise UsageError("two images would be exported on the same mount point")
+    return images
+
+
 def _preflight() -> None:
     from fuse_disk_export import preflight
 
@@ -159,18 +175,8 @@ def build_request(
         from fuse_disk_export.pidfile import check_free
 
         check_free(pid_file)
-    image_options = _image_options(options)
-    targets = _mountpoints(options)
-    if any(targets):
-        images = [
-            resolve(i, image_options, mountpoint=m)
-            for i, m in zip(options.images, targets, strict=True)
-        ]
-        seen = [r.spec.mountpoint for r in images]
-        if len(set(seen)) != len(seen):
-            raise UsageError("two images would be exported on the same mount point")
-    else:
-        images = resolve_all(options.images, image_options)
+    with mounts.one_reading():
+        images = _resolve(options)
     if options.aio == "io_uring":
         for r in images:
             if any(layer.format == "vmdk" for layer in r.spec.layers):

@@ -26,6 +26,7 @@ def _name(signum: int) -> str:
 
     return signal.Signals(signum).name
 
+
 _caught: list[int] = []
 _raise_now = False
 _recording = False

@@ -126,6 +126,14 @@ class Runner:
             )
         return proc
 
+    def revert(self, proc: subprocess.Popen[str], timeout: float = 30) -> str:
+        """SIGINT a foreground export; it must revert and exit 0.  Returns its stderr."""
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(timeout=timeout)
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        assert status == 0, f"exit status {status} after SIGINT; stderr: {err}"
+        return err
+
     def track_pid(self, pid: int) -> None:
         self.daemon_pids.append(pid)
 

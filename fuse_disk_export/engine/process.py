@@ -172,7 +172,8 @@ def spawn(
     try:
         fd = theirs.fileno()
         argv = [path, *options, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
-        log.debug("starting %s", " ".join(argv))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("starting %s", " ".join(argv))
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

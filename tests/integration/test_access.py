@@ -150,7 +150,7 @@ def test_luks(fde: Runner, tmp_path: Path, fmt: str, options: list[str]) -> None
         f.seek(2 * MiB)
         f.write(b"\x5f" * 4096)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
     _luks_io(fmt, img, "read -P 0x5f 2M 4k")
 
 
@@ -170,10 +170,8 @@ def test_secret_stays_out_of_verbose_output(fde: Runner, tmp_path: Path) -> None
                 except OSError:
                     pass
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-    assert proc.stderr is not None
-    log = proc.stderr.read()
+        err = fde.revert(proc)
+    log = err
     assert '"qom-type":"secret"' in log and "/dev/fd/" in log and "correct horse" not in log
 
 
@@ -191,8 +189,7 @@ def test_load_internal_snapshot(fde: Runner, tmp_path: Path) -> None:
         assert f.read(MiB) == b"\x11" * MiB
     with pytest.raises(OSError), open(img, "r+b") as f:
         f.write(b"x")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert not is_mounted(img) and digest(img) == before
     _assert_no_qemu_nbd_for(img)
 
@@ -238,8 +235,7 @@ def test_discard_through_the_export(fde: Runner, tmp_path: Path, discard: str) -
     with open(img, "rb") as f:
         f.seek(2 * MiB)
         served = f.read(4096)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     if versions.punch_hole_may_keep_data(qemu_version()):
         # Before 8.0 a punched hole would be an advisory discard that may keep the data while
         # succeeding: the tool makes it fail instead (EOPNOTSUPP), and the data is untouched.
@@ -262,9 +258,8 @@ def test_read_only_format_is_exported_read_only_with_a_note(fde: Runner, tmp_pat
     assert img.stat().st_size == 4 * MiB
     with pytest.raises(OSError), open(img, "r+b") as f:
         f.write(b"x")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
-    assert proc.stderr is not None and "read-only" in proc.stderr.read()
+    err = fde.revert(proc)
+    assert "read-only" in err
 
 
 @pytest.mark.parametrize("cache", ["none", "writeback", "writethrough", "directsync", "unsafe"])
@@ -275,8 +270,7 @@ def test_cache_modes(fde: Runner, tmp_path: Path, cache: str) -> None:
     proc = fde.start_live("--cache", cache, *aio, "--detect-zeroes", "unmap", str(img))
     with open(img, "r+b") as f:
         f.write(b"\x09" * 65536)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     qemu_io("qcow2", img, "read -P 0x09 0 64k")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -54,10 +53,9 @@ def refused(fde: Runner, *args: str, image: Path, holder: Path | None = None) ->
 def serve(fde: Runner, *args: str) -> tuple[str, str]:
     """Export, let ``check`` run via the caller, then revert: returns (stdout, stderr)."""
     proc = fde.start_live(*args)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
-    assert proc.stdout is not None and proc.stderr is not None
-    return proc.stdout.read(), proc.stderr.read()
+    err = fde.revert(proc)
+    assert proc.stdout is not None
+    return proc.stdout.read(), err
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +110,7 @@ def test_backing_none_exports_the_top_alone(
         assert f.read(4096) == bytes(4096)  # the base's 0x3c is not seen
         f.seek(4 * MiB)
         assert f.read(65536) == b"\x77" * 65536
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
 
 
@@ -122,8 +119,7 @@ def test_backing_any_lets_qemu_follow_json(fde: Runner, tmp_path: Path, base: Pa
     proc = fde.start_live("-r", "--backing=any", str(top))
     with open(top, "rb") as f:
         assert f.read(4096) == b"\x3c" * 4096  # through the json: backing
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
 
 
@@ -143,10 +139,8 @@ def test_header_forced_raw_format_is_not_walked(fde: Runner, tmp_path: Path) -> 
     proc = fde.start_live("-r", "-v", str(top))
     with open(top, "rb") as f:
         assert f.read(4) == b"QFI\xfb"  # lower.qcow2's own bytes, as raw
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
-    assert proc.stderr is not None
-    assert f"backing file 'lower.qcow2' -> {lower} (raw)" in proc.stderr.read()
+    err = fde.revert(proc)
+    assert f"backing file 'lower.qcow2' -> {lower} (raw)" in err
     assert_all_clean(tmp_path)
 
 
@@ -160,8 +154,7 @@ def test_relative_backing_is_relative_to_the_image(fde: Runner, tmp_path: Path) 
     proc = fde.start_live("-r", "../images/top.qcow2", cwd=elsewhere)
     with open(top, "rb") as f:
         assert f.read(65536) == b"\x21" * 65536
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
 
 
@@ -184,10 +177,8 @@ def test_merged_view_and_writes_land_in_the_top(fde: Runner, tmp_path: Path) -> 
         f.write(b"\xe5" * 65536)
         f.flush()
         os.fsync(f.fileno())
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
-    assert proc.stderr is not None
-    log = proc.stderr.read()
+    err = fde.revert(proc)
+    log = err
 
     expected = bytearray(8 * MiB)
     expected[0 : 1 * MiB] = b"\xa1" * MiB
@@ -230,8 +221,7 @@ def test_data_file_outside_the_folder_is_refused(fde: Runner, tmp_path: Path) ->
     # Not a backing file: --backing=none checks it just the same; --backing=any follows it.
     refused(fde, "--backing=none", image=img)
     proc = fde.start_live("--backing=any", str(img))
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
 
 
@@ -245,8 +235,7 @@ def test_data_file_beside_the_image_holds_the_writes(fde: Runner, tmp_path: Path
         f.write(b"\x9e" * 65536)
         f.flush()
         os.fsync(f.fileno())
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
     with open(data, "rb") as f:
         f.seek(MiB)
@@ -307,8 +296,7 @@ def test_vmdk_extent_outside_the_folder_is_refused(
         proc = fde.start_live("-r", "--backing=any", str(vmdk))
         with open(vmdk, "rb") as f:
             assert f.read(8) == b"SECRET!!"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        fde.revert(proc)
         assert_all_clean(tmp_path)
 
 
@@ -325,8 +313,7 @@ def test_vmdk_with_extents_beside_it_is_exported(
     with open(vmdk, "rb") as f:
         f.seek(MiB)
         assert f.read(65536) == b"\x5c" * 65536
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
 
 

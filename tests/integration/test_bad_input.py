@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -174,8 +173,7 @@ def test_format_raw_over_a_qcow2_is_taken_literally(fde: Runner, tmp_path: Path)
     proc = fde.start_live("-r", "-f", "raw", str(img))
     with open(img, "rb") as f:
         assert f.read(4) == b"QFI\xfb"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
     assert sha256(img) == digest
 
@@ -192,8 +190,7 @@ def test_read_only_mode_bits(fde: Runner, tmp_path: Path) -> None:
     proc = fde.start_live("-r", str(img))
     with open(img, "rb") as f:
         assert f.read(4096) == b"\x5a" * 4096
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
     assert image_format(img) == "qcow2"
 
@@ -223,10 +220,8 @@ def test_symlink_is_resolved(fde: Runner, tmp_path: Path) -> None:
     assert mounts.mount_at(str(link)) is None  # the link is left alone, and reads through
     with open(link, "rb") as f:
         assert f.read(4096) == b"\x5a" * 4096
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
-    assert proc.stderr is not None
-    log = proc.stderr.read()
+    err = fde.revert(proc)
+    log = err
     assert f"{link} is a symlink; exporting its target {target}" in log, log
     assert_all_clean(tmp_path)
     assert link.is_symlink() and image_format(target) == "qcow2"

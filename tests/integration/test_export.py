@@ -77,8 +77,7 @@ def test_every_format_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
         with open(img, "rb") as f:
             f.seek(MiB)
             assert f.read(65536) == b"\x3c" * 65536, img
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     for img, fmt in zip(images, CREATABLE, strict=True):
         assert not is_mounted(img)
         assert image_format(img) == fmt
@@ -143,8 +142,7 @@ def test_awkward_names(fde: Runner, tmp_path: Path) -> None:
     img = make_qcow2(tmp_path / "my disk,format=raw:x.qcow2")
     proc = fde.start_live(str(img))
     assert image_format(img) == "raw"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert image_format(img) == "qcow2"
 
 

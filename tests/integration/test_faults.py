@@ -291,8 +291,7 @@ def test_refuses_a_live_export_of_ours(fde: Runner, tmp_path: Path) -> None:
     assert [e.mount_point for e in mounts.read_mounts()].count(str(img)) == 1
     with open(img, "rb") as f:
         assert f.read(4096) == b"\x5a" * 4096
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
     assert image_format(img) == "qcow2"
 
@@ -573,8 +572,7 @@ def test_load_then_revert(fde: Runner, tmp_path: Path) -> None:
         assert moved > 0, job["jobname"]
     live = export_digest(img)
 
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
     qemu_img_check(img)
     raw = tmp_path / "after.raw"
@@ -585,8 +583,7 @@ def test_load_then_revert(fde: Runner, tmp_path: Path) -> None:
     # Exported again, every block of both halves still carries a valid verify header.
     proc = fde.start_live("-r", str(img))
     fio(tmp_path, *common, "--name=check", "--rw=read", "--direct=1", "--offset=0", "--size=128M")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert_all_clean(tmp_path)
 
 
@@ -604,8 +601,7 @@ def test_concurrent_direct_writes(fde: Runner, tmp_path: Path) -> None:
         with open(img, "rb") as f:
             served = f.read(32 * MiB)
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        fde.revert(proc)
     assert_all_clean(tmp_path)
     assert served == src.read_bytes(), "concurrent O_DIRECT writes were corrupted"
 
@@ -652,7 +648,6 @@ def test_fio_verified_writes_in_flight(fde: Runner, tmp_path: Path, pattern: lis
             timeout=120,
         )
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        fde.revert(proc)
     assert out.returncode == 0 and "verify:" not in out.stdout + out.stderr, out.stdout + out.stderr
     qemu_img("check", str(img))

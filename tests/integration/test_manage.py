@@ -111,8 +111,7 @@ def test_completion_of_stop_offers_live_exports(fde: Runner, tmp_path: Path) -> 
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     assert complete("--stop", "", env=env) == sorted([str(img), str(proc.pid)])
     assert complete("--stop", str(tmp_path), env=env) == [str(img)]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
 
 
 def test_stop_a_foreground_export_by_pid(fde: Runner, tmp_path: Path) -> None:

@@ -150,8 +150,7 @@ def test_mountpoint_file_and_dir(fde: Runner, tmp_path: Path) -> None:
     proc = fde.start_live("-m", str(existing), str(img))
     assert is_mounted(existing) and not is_mounted(img)
     assert existing.stat().st_size == 8 * MiB
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert existing.read_bytes() == b"keep me", "an existing mount point file is left as it was"
 
     (tmp_path / "d").mkdir()
@@ -168,8 +167,7 @@ def test_mountpoint_file_and_dir(fde: Runner, tmp_path: Path) -> None:
     proc = fde.start_live("--mountpoint-dir", str(views), str(img), str(b))
     assert (views / "a.qcow2").stat().st_size == 8 * MiB
     assert (views / "b.vdi").stat().st_size == 4 * MiB
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert list(views.iterdir()) == []
 
 
@@ -182,8 +180,7 @@ def test_mountpoint_already_mounted_is_refused(fde: Runner, tmp_path: Path) -> N
     refused = fde.run("-m", str(img), str(other))
     assert refused.returncode != 0 and "mount point" in refused.stderr, refused.stderr
     assert image_format(img) == "raw", "the live export keeps working"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
 
 
 def test_nbd_beside_fuse_shows_allocation_depth(
@@ -206,8 +203,7 @@ def test_nbd_beside_fuse_shows_allocation_depth(
         assert f.read(4096) == b"\x22" * 4096
     # NBD is the writable side.
     qemu_io("raw", uri, "write -P 0x33 8M 64k")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)
     assert not sock.exists()
     qemu_io("qcow2", top, "read -P 0x33 8M 64k")
     qemu_io("qcow2", base, "read -P 0x00 8M 64k")
