@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from benchmarks import report, schema, startup, throughput
 from benchmarks.context import Ctx, versions
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _terminate)
 
     meta = versions()
-    results: dict = {
+    results: dict[str, Any] = {
         "meta": {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "qemu": meta["qemu-storage-daemon"],

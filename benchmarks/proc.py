@@ -93,7 +93,7 @@ class DirWatch:
         fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        self._fd = fd
+        self._fd: int = int(fd)
         if _libc.inotify_add_watch(fd, os.fsencode(directory), self.MASK) < 0:
             err = ctypes.get_errno()
             os.close(fd)
@@ -365,14 +365,14 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run a helper command to completion, failing loudly with its stderr."""
     try:
-        done = subprocess.run(
+        done: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
             list(argv),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
     except subprocess.TimeoutExpired as e:
         raise BenchError(f"{argv[0]} did not finish within {timeout} s") from e

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from benchmarks.context import median
+
+#: The JSON the phases write: nested dicts and lists of numbers and strings.
+Results = dict[str, Any]
 
 # Columns of the one table, in order: (key in the results, short header, legend).
 COLUMNS = [
     ("raw", "raw", "the raw file itself (the limit)"),
-    ("fde", "fde", "fuse-disk-export -dp, its defaults (writeback, aio threads)"),
+    ("fde", "fde", "fuse-disk-export -dp, its defaults (writeback, aio threads, write guard)"),
     ("qsd", "qsd", "qemu-storage-daemon --export type=fuse written by hand, default options"),
     ("nbdfuse", "nbdfuse", "qemu-nbd + nbdfuse"),
     ("fde-io_uring", "f uring", "fuse-disk-export --aio io_uring"),
-    ("fde-ro", "f -r", "fuse-disk-export -r (read-only)"),
+    ("fde-ro", "f -r", "fuse-disk-export -r (read-only: io_uring by default)"),
     ("fde-ro-io_uring", "f -r uring", "fuse-disk-export -r --aio io_uring"),
     ("fde-none", "f none", "fuse-disk-export --cache none (O_DIRECT, aio threads)"),
     ("fde-native", "f native", "fuse-disk-export --cache none --aio native"),
@@ -51,9 +55,9 @@ def _med(values: Sequence[float] | None) -> float | None:
     return median(values) if values else None
 
 
-def summarize(results: dict) -> dict:
+def summarize(results: Results) -> Results:
     """Medians of everything, keyed like the raw results."""
-    summary: dict = {}
+    summary: Results = {}
     io = results.get("io")
     if io:
         summary["io"] = {
@@ -84,7 +88,7 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def table_rows(results: dict, summary: dict) -> tuple[list[str], list[list[str]]]:
+def table_rows(results: Results, summary: Results) -> tuple[list[str], list[list[str]]]:
     """The one table: a row per measurement, a column per system (blank: not measured)."""
     io = results.get("io") or {}
     started = bool(summary.get("startup"))
@@ -162,12 +166,12 @@ def render_markdown(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def legend(results: dict) -> str:
+def legend(results: Results) -> str:
     present = set((results.get("io") or {}).get("targets") or {}) | {"fde", "qsd"}
     return "\n".join(f"  {short:>10}: {text}" for key, short, text in COLUMNS if key in present)
 
 
-def qemu_text(results: dict) -> str:
+def qemu_text(results: Results) -> str:
     q = results.get("qemu")
     if not q:
         return ""
@@ -180,7 +184,7 @@ def qemu_text(results: dict) -> str:
     return "\n".join(lines)
 
 
-def breakdown_text(summary: dict) -> str:
+def breakdown_text(summary: Results) -> str:
     lines = []
     for n, phases in (summary.get("breakdown") or {}).items():
         lines.append(f"fuse-disk-export phases, {n} image(s), foreground (median ms):")
@@ -188,7 +192,7 @@ def breakdown_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def imports_text(results: dict) -> str:
+def imports_text(results: Results) -> str:
     imp = results.get("imports")
     if not imp:
         return ""
@@ -213,7 +217,7 @@ def _legend(ax, size: int, ncol: int = 1) -> None:  # type: ignore[no-untyped-de
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
 
 
-def chart(results: dict, summary: dict, path: str) -> None:
+def chart(results: Results, summary: Results, path: str) -> None:
     """Four panels: time to live, time to stop, I/O against the raw file, candidates against the
     hand-written default."""
     import matplotlib
@@ -315,7 +319,7 @@ def chart(results: dict, summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write(results: dict, out_dir: str) -> dict[str, str]:
+def write(results: Results, out_dir: str) -> dict[str, str]:
     """Write bench.json, bench.png and bench.md into ``out_dir``; print the table."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from fuse_disk_export import mounts
 from fuse_disk_export.engine import versions
@@ -11,15 +12,37 @@ from fuse_disk_export.engine.graph import BlockGraph
 log = logging.getLogger(__name__)
 
 
-def _arm_hole_guard(mountpoint: str) -> None:
+def _arm(mountpoint: str) -> bool:
     # One read through the export fires the event that arms the guard's filter (graph.py).
     try:
         with open(mountpoint, "rb", buffering=0) as f:
             f.read(512)
     except OSError as e:
-        log.warning("%s: cannot arm the punched-hole guard: %s", mountpoint, e.strerror)
-    else:
-        log.debug("%s: punched holes refused (EOPNOTSUPP): callers write zeroes", mountpoint)
+        log.debug("%s: cannot arm the punched-hole guard: %s", mountpoint, e.strerror)
+        return False
+    log.debug("%s: punched holes refused (EOPNOTSUPP): callers write zeroes", mountpoint)
+    return True
+
+
+def _arm_all(mountpoints: list[str], workers: int = 8) -> list[str]:
+    """Arm every guard; return the mount points that could not be armed.  Each read is a FUSE
+    round trip: with many exports, several run at once."""
+    failed: list[str] = []
+
+    def arm(share: list[str]) -> None:
+        failed.extend(m for m in share if not _arm(m))
+
+    if len(mountpoints) <= 2:
+        arm(mountpoints)
+        return failed
+    threads = [
+        threading.Thread(target=arm, args=(mountpoints[i::workers],)) for i in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failed
 
 
 def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
@@ -28,11 +51,11 @@ def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
     writable = [e for e in graph.exports if e.writable]
     if not writable:
         return
-    for export in writable:
-        if export.hole_guard:
-            _arm_hole_guard(export.mountpoint)
+    unarmed = set(_arm_all([e.mountpoint for e in writable if e.hole_guard]))
     if versions.punch_hole_may_keep_data(version):
-        for export in (e for e in writable if not e.hole_guard):
+        for export in writable:
+            if export.hole_guard and export.mountpoint not in unarmed:
+                continue
             log.warning(
                 "%s: QEMU %s turns a punched hole into an advisory discard, which may keep the "
                 "old data: tools that zero by punching holes (qemu-img convert -n, nbdcopy, "
