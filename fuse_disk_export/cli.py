@@ -36,7 +36,6 @@ examples:
   fuse-disk-export -dp fde.pid foo.qcow2   # returns once live; fde.pid holds the daemon's pid
   parted foo.qcow2 print                   # foo.qcow2 now reads as a raw disk
   kill -SIGINT $(cat fde.pid)              # reverted: foo.qcow2 is a qcow2 again, fde.pid gone
-  fuse-disk-export --list                  # live exports: image, format, size, pid, since when
   fuse-disk-export -r a.qcow2 b.vmdk c.vdi # several images, one qemu-storage-daemon, read-only
 
 Images a guest could write to may be hostile: see the README's security note.
@@ -129,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print each IMAGE's partition table and exit (exports nothing)",
     )
+    p.add_argument(
+        "--mount-fs",
+        metavar="DIR",
+        help="mount the filesystem inside at DIR, rootless (--fs-type TYPE)",
+    )
+    p.add_argument("--fs-type", metavar="TYPE", help=argparse.SUPPRESS)
     p.add_argument(
         "--nbd-socket",
         metavar="PATH",
@@ -250,6 +255,8 @@ def options_from(args: argparse.Namespace) -> Options:
         aio=cast("Aio | None", args.aio),
         write_guard=not args.no_write_guard,
         pid_file=args.pid_file,
+        mount_fs=args.mount_fs,
+        fs_type=args.fs_type,
     )
 
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import notify, pidwatch, state, stopsignals
+from fuse_disk_export import fsmount, notify, pidwatch, state, stopsignals
 from fuse_disk_export.engine import qemuversion, versions, writeguard
 from fuse_disk_export.engine.bringup import Cancellable, Up, bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
 from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import MountError, QemuError
+from fuse_disk_export.fsmount import Mounted
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
 from fuse_disk_export.prepare import Preparation, prepare_images
@@ -37,14 +39,28 @@ class ExportRequest(NamedTuple):
     preparations: Sequence[Preparation] = ()
     #: Secret objects to create, id -> passphrase (they reach QEMU through pipes).
     secrets: Mapping[str, str] | None = None
+    #: ``--mount-fs``: the filesystem to mount over the (one) export, which is on a private file.
+    filesystem: FsPlan | None = None
+
+
+class FsPlan(NamedTuple):
+    """Where and how ``--mount-fs`` mounts the filesystem of the export."""
+
+    directory: str
+    fs: str
+    read_only: bool
+    #: The private folder of the export's file, removed on revert.
+    private_dir: str
 
 
 class Live(NamedTuple):
-    """An invocation's exports, all mounted: the daemon, its graph, the setup's warnings."""
+    """An invocation's exports, all mounted: the daemon, its graph, the setup's warnings, and
+    the filesystem driver of ``--mount-fs``."""
 
     up: Up
     graph: BlockGraph
     warnings: list[str]
+    filesystem: Mounted | None = None
 
 
 @contextlib.contextmanager
@@ -76,6 +92,9 @@ def live(
             cleanup.callback(state.unregister)
         stopsignals.check()
         since = time.time()
+        if request.filesystem is not None:
+            # Removed last: the export's file in it goes first.
+            cleanup.callback(shutil.rmtree, request.filesystem.private_dir, ignore_errors=True)
         for r in request.images:
             if r.creates_mountpoint:
                 _create_mountpoint(r.spec.mountpoint)
@@ -110,6 +129,18 @@ def live(
         qemuversion.remember(binary, up.version)
         prepared.forget_overlays()
         writeguard.protect(graph, up.version)
+        mounted = None
+        if request.filesystem is not None:
+            plan_fs = request.filesystem
+            # Entered after the daemon's cleanup: unmounted before the export goes.
+            mounted = cleanup.enter_context(
+                fsmount.mounted(
+                    request.images[0].spec.mountpoint,
+                    plan_fs.directory,
+                    plan_fs.fs,
+                    read_only=plan_fs.read_only,
+                )
+            )
         if watch_signals:
             stopsignals.check()
         if request.pid_file:
@@ -129,12 +160,15 @@ def live(
                         daemon_pid=up.spawned.process.pid,
                         since=since,
                         warnings=tuple(warnings.about(r.spec.mountpoint, r.spec.image)),
+                        fs_dir=mounted.directory if mounted else None,
+                        fs_type=mounted.fs if mounted else None,
+                        fs_driver=mounted.driver.program if mounted else None,
                     )
                     for r in request.images
                 ]
             )
         logging.getLogger().removeHandler(warnings)
-        yield Live(up, graph, warnings.messages)
+        yield Live(up, graph, warnings.messages, mounted)
 
 
 def serve(
@@ -156,7 +190,11 @@ def serve(
     """
     with live(request, cancel=cancel) as now:
         on_live(now.warnings)
-        paths = ", ".join(r.spec.mountpoint for r in request.images)
+        paths = (
+            now.filesystem.directory
+            if now.filesystem
+            else ", ".join(r.spec.mountpoint for r in request.images)
+        )
         log.info("live: %s", paths)
         notify.ready(f"Exporting {paths}")
         try:
@@ -171,7 +209,8 @@ def serve(
             notify.stopping()
             return 0
         try:
-            asyncio.run(Session(now.graph, now.up, on_stop=notify.stopping).serve())
+            session = Session(now.graph, now.up, on_stop=notify.stopping, filesystem=now.filesystem)
+            asyncio.run(session.serve())
         finally:
             notify.stopping()
     return 0

@@ -60,9 +60,16 @@ def _row(record: ExportRecord) -> tuple[str, ...]:
         human_size(record.virtual_size),
         "rw" if record.writable else "ro",
         _since(record.since),
-        record.mountpoint,
+        _where(record),
         record.image,
     )
+
+
+def _where(record: ExportRecord) -> str:
+    """The mount point; with ``--mount-fs``, the filesystem's directory, its type and driver."""
+    if record.fs_dir:
+        return f"{record.fs_dir} ({record.fs_type} by {record.fs_driver})"
+    return record.mountpoint
 
 
 def format_plain(records: Sequence[ExportRecord]) -> str:
@@ -136,12 +143,12 @@ def _lookup(target: str, records: Sequence[ExportRecord]) -> list[ExportRecord]:
         return found
     path = os.path.abspath(target)
     names = [path]
-    found = [r for r in records if path in (r.mountpoint, r.image)]
+    found = [r for r in records if path in (r.mountpoint, r.image, r.fs_dir)]
     if not found:
         # Only now touch the path (a mount whose server hangs would hang us): a symlink to it?
         real = os.path.realpath(path)
         names += [real] if real != path else []
-        found = [r for r in records if real in (r.mountpoint, r.image)]
+        found = [r for r in records if real in (r.mountpoint, r.image, r.fs_dir)]
     if found:
         return found
     for name in names:
@@ -226,7 +233,13 @@ def stop(targets: Sequence[str], *, timeout: float = STOP_TIMEOUT, quiet: bool =
                 _Stop(
                     record.pid,
                     record.started,
-                    [r.mountpoint for r in records if r.pid == record.pid],
+                    [
+                        m
+                        for r in records
+                        if r.pid == record.pid
+                        for m in (r.mountpoint, r.fs_dir)
+                        if m
+                    ],
                 ),
             )
     try:

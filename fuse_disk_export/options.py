@@ -58,6 +58,10 @@ class Options(NamedTuple):
     aio: Aio | None = None
     write_guard: bool = True
     pid_file: str | None = None
+    #: Mount the filesystem inside at this directory, through a userspace driver.
+    mount_fs: str | None = None
+    #: The filesystem's type, instead of detecting it (with ``mount_fs``).
+    fs_type: str | None = None
 
     @property
     def changes_view(self) -> bool:
@@ -69,6 +73,7 @@ class Options(NamedTuple):
             or self.mountpoint_dir
             or self.nbd_socket
             or self.load_snapshot
+            or self.mount_fs
         )
 
 
@@ -105,3 +110,16 @@ def check(options: Options) -> None:
         raise UsageError("-P/--partition cannot be combined with -l/--load-snapshot")
     if options.passphrase is not None and options.passphrase_file is not None:
         raise UsageError("give the passphrase or its file, not both")
+    if options.fs_type is not None and options.mount_fs is None:
+        raise UsageError("--fs-type goes with --mount-fs")
+    if options.mount_fs is not None:
+        from fuse_disk_export.filesystems import FS_TYPES
+
+        if len(options.images) > 1:
+            raise UsageError("--mount-fs takes one image")
+        if options.mountpoint or options.mountpoint_dir or options.nbd_socket:
+            raise UsageError(
+                "--mount-fs exports on a private file: no -m, --mountpoint-dir or --nbd-socket"
+            )
+        if options.fs_type is not None:
+            _one_of(options.fs_type, tuple(FS_TYPES), "--fs-type")

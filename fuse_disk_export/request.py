@@ -17,11 +17,13 @@ from fuse_disk_export import mounts
 from fuse_disk_export import options as opts
 from fuse_disk_export.engine.graph import Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
-from fuse_disk_export.export import ExportRequest
+from fuse_disk_export.export import ExportRequest, FsPlan
+from fuse_disk_export.filesystems import DRIVERS, FS_TYPES
 from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
 from fuse_disk_export.options import Options
 from fuse_disk_export.partitions import PartitionTable
 from fuse_disk_export.prepare import Preparation
+from fuse_disk_export.table_reader import Disk
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,85 @@ def _resolve(options: Options) -> list[Resolved]:
     return images
 
 
+def _describe(disk: Disk) -> str:
+    return ", ".join(
+        f"{p.number}: {disk.filesystems.get(p.number) or 'no filesystem recognised'}"
+        for p in disk.table.partitions
+    )
+
+
+def _choose(options: Options, image: str, disk: Disk) -> tuple[int | None, str]:
+    """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts."""
+    forced = FS_TYPES[options.fs_type] if options.fs_type else None
+    if options.partition is not None:
+        disk.table.get(options.partition)  # PartitionError, listing those there are
+        number: int | None = options.partition
+        found = disk.filesystems.get(options.partition)
+    elif disk.table.scheme == "none":
+        number, found = None, disk.whole
+    else:
+        with_fs = [n for n, fs in disk.filesystems.items() if fs is not None]
+        if len(with_fs) != 1:
+            raise UsageError(
+                f"{len(with_fs) or 'no'} partitions hold a filesystem we recognise; choose "
+                f"one with -P N ({_describe(disk) or 'no partitions'})",
+                path=image,
+            )
+        number = with_fs[0]
+        found = disk.filesystems[number]
+    fs = forced or found
+    where = f"partition {number}" if number is not None else "the disk"
+    if fs is None:
+        raise ImageError(
+            f"no filesystem recognised on {where}; give --fs-type ({', '.join(sorted(FS_TYPES))})",
+            path=image,
+        )
+    if fs not in DRIVERS:
+        raise UsageError(
+            f"{where} holds {fs}, for which no userspace driver stays our child "
+            f"(supported: {', '.join(sorted(DRIVERS))})",
+            path=image,
+        )
+    return number, fs
+
+
+def _with_filesystem(
+    options: Options, images: list[Resolved], secrets: dict[str, str]
+) -> tuple[list[Resolved], FsPlan]:
+    """``--mount-fs``: the partition to export on a private file, and how to mount its
+    filesystem."""
+    import shutil
+    import tempfile
+
+    from fuse_disk_export import fsmount
+    from fuse_disk_export.table_reader import partition_slice, read_disks
+
+    assert options.mount_fs is not None
+    directory = os.path.abspath(options.mount_fs)
+    fsmount.check_directory(directory)
+    (r,) = images
+    (disk,) = read_disks([r.spec], secrets)
+    number, fs = _choose(options, r.spec.image, disk)
+    read_only = not r.spec.writable
+    driver = DRIVERS[fs]
+    if not read_only and not driver.writes:
+        raise UsageError(
+            f"{driver.program} ({fs}) does not write safely: export it read-only (-r)",
+            path=r.spec.image,
+        )
+    fsmount.find_driver(fs)
+    private = tempfile.mkdtemp(prefix="fuse-disk-export-fs-")
+    try:
+        view = resolve(r.spec.image, _image_options(options), mountpoint=f"{private}/disk.raw")
+        if number is not None:
+            table_slice = partition_slice(disk.table, number, r.spec.image)
+            view = view._replace(spec=view.spec._replace(slice=table_slice))
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
+    return [view], FsPlan(directory, fs, read_only, private)
+
+
 def _preflight() -> None:
     from fuse_disk_export import preflight
 
@@ -187,7 +268,10 @@ def build_request(
                 )
     _note_raw(options, images)
     secrets = _secrets(options, images, ask_passphrase)
-    if options.partition is not None:
+    filesystem = None
+    if options.mount_fs is not None:
+        images, filesystem = _with_filesystem(options, images, secrets)
+    elif options.partition is not None:
         images = _with_partitions(images, options.partition, secrets)
     return ExportRequest(
         images=images,
@@ -195,6 +279,7 @@ def build_request(
         pid_file=pid_file,
         preparations=_preparations(options, images),
         secrets=secrets,
+        filesystem=filesystem,
     )
 
 

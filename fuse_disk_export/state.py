@@ -32,6 +32,10 @@ class ExportRecord(NamedTuple):
     started: float | None = None
     #: What went wrong or is risky about this export, as warned when it was set up.
     warnings: tuple[str, ...] = ()
+    #: ``--mount-fs``: where the filesystem inside is mounted, its type, and its driver.
+    fs_dir: str | None = None
+    fs_type: str | None = None
+    fs_driver: str | None = None
 
 
 # Plain os.path and os.open here, not pathlib and tempfile: this is on the path to live, where

@@ -8,13 +8,16 @@ of the user's ever mounted over.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 from fuse_disk_export.engine.bringup import bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, plan
 from fuse_disk_export.errors import PartitionError
+from fuse_disk_export.filesystems import PROBE_BYTES, Read, probe
 from fuse_disk_export.partitions import PartitionTable, read_table
 
 
@@ -38,14 +41,51 @@ def _read(path: str, image: str) -> PartitionTable:
             raise PartitionError(e.reason, path=image) from None
 
 
-def read_tables(
-    specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None = None
-) -> list[PartitionTable]:
-    """The partition table of each image's virtual disk (scheme "none" when it has none).
+class Disk(NamedTuple):
+    """A virtual disk's table, and the filesystem of each partition and of the whole disk."""
 
-    :raise PartitionError: a table is malformed (the error names the image and the table).
+    table: PartitionTable
+    #: Partition number -> filesystem ("ext", "ntfs", ...) or None where none was recognised.
+    filesystems: dict[int, str | None]
+    #: The filesystem at the start of the disk itself (a disk with no partition table).
+    whole: str | None
+
+
+def _filesystems(path: str, table: PartitionTable) -> tuple[dict[int, str | None], str | None]:
+    with open(path, "rb") as f:
+        fd = f.fileno()
+
+        def at(base: int, limit: int) -> Read:
+            def read(offset: int, length: int) -> bytes:
+                length = max(0, min(length, PROBE_BYTES - offset, limit - offset))
+                return os.pread(fd, length, base + offset) if length else b""
+
+            return read
+
+        size = os.fstat(fd).st_size
+        found = {p.number: probe(at(p.start, p.size)) for p in table.partitions}
+        return found, probe(at(0, size)) if table.scheme == "none" else None
+
+
+def read_disks(specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None = None) -> list[Disk]:
+    """Each virtual disk's partition table and the filesystems in it (``--mount-fs``).
+
+    :raise PartitionError: a table is malformed.
     :raise FdeError: the images cannot be opened (as for an export).
     """
+    disks: list[Disk] = []
+    with _views(specs, secrets) as views:
+        for view in views:
+            table = _read(view.mountpoint, view.image)
+            disks.append(Disk(table, *_filesystems(view.mountpoint, table)))
+    return disks
+
+
+@contextlib.contextmanager
+def _views(
+    specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None
+) -> Iterator[list[ImageSpec]]:
+    """Every image exported read-only on a private temporary file for the block."""
     with tempfile.TemporaryDirectory(prefix="fuse-disk-export-") as tmp:
         views = []
         for index, spec in enumerate(specs):
@@ -56,9 +96,21 @@ def read_tables(
             graph = plan(views, secret_files=files)
             up = bring_up(graph, pass_fds=fds)
         try:
-            return [_read(view.mountpoint, view.image) for view in views]
+            yield views
         finally:
             terminate(up, graph)
+
+
+def read_tables(
+    specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None = None
+) -> list[PartitionTable]:
+    """The partition table of each image's virtual disk (scheme "none" when it has none).
+
+    :raise PartitionError: a table is malformed (the error names the image and the table).
+    :raise FdeError: the images cannot be opened (as for an export).
+    """
+    with _views(specs, secrets) as views:
+        return [_read(view.mountpoint, view.image) for view in views]
 
 
 def partition_slice(table: PartitionTable, number: int, image: str) -> Slice:

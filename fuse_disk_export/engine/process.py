@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
+def die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
     """Runs in the child between fork and exec: SIGTERM when the thread that forked us dies."""
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     # The parent may have died before prctl; then nobody would ever signal us.
@@ -181,7 +181,7 @@ def spawn(
             stderr=errors_w,
             pass_fds=(fd, *pass_fds),
             start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(libc, parent),
+            preexec_fn=lambda: die_with_parent(libc, parent),
         )
     except BaseException:
         ours.close()

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 
-from fuse_disk_export import mounts, stopsignals
+from fuse_disk_export import fsmount, mounts, stopsignals
 from fuse_disk_export.engine.bringup import Up
 from fuse_disk_export.engine.daemon import StorageDaemon
 from fuse_disk_export.engine.graph import BlockGraph
 from fuse_disk_export.engine.process import describe_exit
 from fuse_disk_export.errors import QemuError
+from fuse_disk_export.fsmount import FsError, Mounted
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +32,22 @@ class Session:
     :param graph: what the daemon brought up.
     :param up: the daemon, every export mounted, its QMP greeting unread.
     :param on_stop: called once, when a stop signal arrives (systemd's STOPPING=1).
+    :param filesystem: the ``--mount-fs`` driver on top of the export: watched like the daemon,
+        and unmounted first.
     """
 
     def __init__(
-        self, graph: BlockGraph, up: Up, *, on_stop: Callable[[], object] | None = None
+        self,
+        graph: BlockGraph,
+        up: Up,
+        *,
+        on_stop: Callable[[], object] | None = None,
+        filesystem: Mounted | None = None,
     ) -> None:
         self.graph = graph
         self.up = up
         self.on_stop = on_stop
+        self.filesystem = filesystem
         self.stop_signal: str | None = None
         self._stop = asyncio.Event()
 
@@ -85,13 +95,37 @@ class Session:
     async def _wait(self, daemon: StorageDaemon) -> None:
         stop = asyncio.ensure_future(self._stop.wait())
         death = asyncio.ensure_future(daemon.wait_exit())
+        waits = [stop, death]
+        driver_gone = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        pidfd = -1
+        if self.filesystem is not None:
+            pidfd = os.pidfd_open(self.filesystem.process.pid)
+            loop.add_reader(pidfd, driver_gone.set)
+            waits.append(asyncio.ensure_future(driver_gone.wait()))
         try:
-            await asyncio.wait((stop, death), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
-            death.cancel()
+            for waiting in waits:
+                waiting.cancel()
+            if pidfd >= 0:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
         if daemon.exited:
             raise self._died(daemon.process.wait())
+        if driver_gone.is_set() and self.filesystem is not None:
+            raise self._driver_died(self.filesystem)
+
+    def _driver_died(self, mounted: Mounted) -> FsError:
+        status = mounted.process.wait()
+        said = mounted.stderr.since(0)
+        fsmount.unmount(mounted)  # detaches the dead mount
+        why = f": {said[-1]}" if said else ""
+        return FsError(
+            f"{mounted.driver.program} (pid {mounted.process.pid}) {describe_exit(status)} while "
+            f"serving{why}; detached it, and reverted the export",
+            path=mounted.directory,
+        )
 
     def _died(self, status: int) -> QemuError:
         self._detach(self.mountpoints)
@@ -101,7 +135,10 @@ class Session:
         )
 
     async def _revert(self, daemon: StorageDaemon) -> None:
-        """Stop the daemon (it unmounts, flushes and closes everything), then check the mounts."""
+        """Unmount the filesystem on top first, then stop the daemon (it unmounts, flushes and
+        closes everything), then check the mounts."""
+        if self.filesystem is not None:
+            fsmount.unmount(self.filesystem)
         try:
             code = await daemon.stop()
             log.debug("qemu-storage-daemon %s", describe_exit(code))

@@ -25,7 +25,8 @@ _fuse_disk_export() {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]}
     local opts="-h --help -d --daemonize -p --pid-file -r --read-only -f --format --backing
         --allow-other -m --mountpoint --mountpoint-dir -P --partition --list-partitions
-        --nbd-socket -s --snapshot -l --load-snapshot --passphrase-file --discard --detect-zeroes
+        --mount-fs --fs-type --nbd-socket -s --snapshot -l --load-snapshot --passphrase-file
+        --discard --detect-zeroes
         --cache --aio --no-write-guard --log-file --list --json --stop -q --quiet -v --verbose
         --version"
     COMPREPLY=()
@@ -46,7 +47,10 @@ _fuse_disk_export() {
             return ;;
         -p | --pid-file | --log-file | -m | --mountpoint | --passphrase-file | --nbd-socket)
             mapfile -t COMPREPLY < <(compgen -f -- "$cur"); return ;;
-        --mountpoint-dir) mapfile -t COMPREPLY < <(compgen -d -- "$cur"); return ;;
+        --mountpoint-dir | --mount-fs) mapfile -t COMPREPLY < <(compgen -d -- "$cur"); return ;;
+        --fs-type)
+            mapfile -t COMPREPLY < <(compgen -W "ext2 ext3 ext4 ntfs vfat iso9660 squashfs" -- "$cur")
+            return ;;
         -P | --partition | -l | --load-snapshot) return ;;
     esac
 
