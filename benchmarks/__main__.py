@@ -19,11 +19,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import report, schema, startup, throughput
+from benchmarks import files, report, schema, startup, throughput
 from benchmarks.context import Ctx, versions
 from benchmarks.proc import BenchError, Janitor, mountpoints, under
 
-PHASES = ("qemu", "startup", "breakdown", "imports", "io")
+PHASES = ("qemu", "startup", "breakdown", "imports", "io", "files")
 NEEDED = ("qemu-storage-daemon", "qemu-img", "qemu-nbd", "nbdfuse", "nbdinfo", "fio", "fusermount3")
 
 
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "breakdown": startup.bench_breakdown,
         "imports": startup.bench_imports,
         "io": throughput.bench_io,
+        "files": files.bench_files,
     }
     status = 0
     t0 = time.monotonic()
@@ -168,15 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["loadavg_end"] = os.getloadavg()
     if status == 130:
         return status
-    files = report.write(results, out_dir)
+    written = report.write(results, out_dir)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    shutil.copy(files["json"], os.path.join(out_dir, f"bench-{stamp}.json"))
+    shutil.copy(written["json"], os.path.join(out_dir, f"bench-{stamp}.json"))
     if args.publish:
         docs = os.path.join(repo, "docs")
         os.makedirs(docs, exist_ok=True)
         for kind in ("json", "png"):
-            if kind in files:
-                shutil.copy(files[kind], os.path.join(docs, f"bench.{kind}"))
+            if kind in written:
+                shutil.copy(written[kind], os.path.join(docs, f"bench.{kind}"))
     for error in results["errors"]:
         print(f"bench: {error}", file=sys.stderr)
     ctx.log(f"done in {results['meta']['duration_s']} s; results in {out_dir}")

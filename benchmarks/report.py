@@ -192,6 +192,20 @@ def breakdown_text(summary: Results) -> str:
     return "\n".join(lines)
 
 
+def files_text(results: Results) -> str:
+    files = results.get("files")
+    if not files:
+        return ""
+    lines = [
+        f"the files inside: ext4 with {files['files']} small files, medians "
+        "(ms to a working ls; s to read every file with find | xargs cat):"
+    ]
+    for name, m in files["medians"].items():
+        lines.append(f"  {name:<40} {_fmt(m.get('ls_ms')):>8} ms {_fmt(m.get('cat_s')):>8} s")
+    lines += [f"  ({note})" for note in files.get("notes", [])]
+    return "\n".join(lines)
+
+
 def imports_text(results: Results) -> str:
     imp = results.get("imports")
     if not imp:
@@ -343,7 +357,16 @@ def write(results: Results, out_dir: str) -> dict[str, str]:
     print(render_text(headers, rows))
     print()
     print(legend(results))
-    extra = [t for t in (qemu_text(results), breakdown_text(summary), imports_text(results)) if t]
+    extra = [
+        t
+        for t in (
+            qemu_text(results),
+            breakdown_text(summary),
+            imports_text(results),
+            files_text(results),
+        )
+        if t
+    ]
     if extra:
         print()
         print("\n\n".join(extra))

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Runner
-from tests.integration.fault_helpers import Processes
+from tests.helpers.runner import Processes, Runner
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ import pytest
 
 from fuse_disk_export import FdeError, exported, exported_many
 from fuse_disk_export.errors import ImageError, UsageError
-from tests.conftest import image_format, is_mounted, pid_gone, qemu_img, wait_for
-from tests.integration.fault_helpers import MiB, assert_all_clean, daemons_using, io
+from tests.helpers.checks import assert_all_clean, daemons_using, is_mounted
+from tests.helpers.images import image_format, make_qcow2, qemu_io
+from tests.helpers.runner import pid_gone, wait_for
+from tests.helpers.units import MiB
 
 
-def make(path: Path, byte: int = 0x5A) -> Path:
-    qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
-    io("qcow2", path, f"write -P {byte:#x} 0 1M")
-    return path
+def make(path: Path) -> Path:
+    return make_qcow2(path, "16M", (0x5A, "0", "1M"))
 
 
 def test_exported_in_plain_code(tmp_path: Path, qemu_tools: None) -> None:
@@ -36,7 +36,7 @@ def test_exported_in_plain_code(tmp_path: Path, qemu_tools: None) -> None:
         result = subprocess.run(["qemu-img", "info", "--force-share", raw], capture_output=True)
         assert b"file format: raw" in result.stdout
     assert not is_mounted(img) and image_format(img) == "qcow2"
-    io("qcow2", img, "read -P 0x33 2M 4k")
+    qemu_io("qcow2", img, "read -P 0x33 2M 4k")
     assert_all_clean(tmp_path)
 
 

@@ -18,15 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Runner, qemu_img
-from tests.integration.fault_helpers import (
-    MiB,
-    assert_all_clean,
-    io,
-    make_qcow2,
-    one_line,
-    sha256,
-)
+from tests.helpers.checks import assert_all_clean, one_line
+from tests.helpers.images import make_qcow2, qemu_img, qemu_io, sha256
+from tests.helpers.runner import Runner
+from tests.helpers.units import KiB, MiB
 
 BACKING_HINT = "--backing=none exports the image alone"
 
@@ -165,9 +160,9 @@ def test_relative_backing_is_relative_to_the_image(fde: Runner, tmp_path: Path) 
 def test_merged_view_and_writes_land_in_the_top(fde: Runner, tmp_path: Path) -> None:
     base = make_qcow2(tmp_path / "base.qcow2", "16M", (0xA1, "0", "1M"), (0xB2, "2M", "1M"))
     mid = overlay(tmp_path / "mid.qcow2", "base.qcow2", "qcow2")
-    io("qcow2", mid, "write -P 0xc3 2M 512k")  # hides half of base's 0xb2
+    qemu_io("qcow2", mid, "write -P 0xc3 2M 512k")  # hides half of base's 0xb2
     top = overlay(tmp_path / "top.qcow2", "mid.qcow2", "qcow2")
-    io("qcow2", top, "write -P 0xd4 4M 64k")
+    qemu_io("qcow2", top, "write -P 0xd4 4M 64k")
     below = {p: sha256(p) for p in (base, mid)}
 
     proc = fde.start_live("-v", str(top))
@@ -183,7 +178,7 @@ def test_merged_view_and_writes_land_in_the_top(fde: Runner, tmp_path: Path) -> 
     expected = bytearray(8 * MiB)
     expected[0 : 1 * MiB] = b"\xa1" * MiB
     expected[2 * MiB : 3 * MiB] = b"\xb2" * MiB
-    expected[2 * MiB : 2 * MiB + 512 * 1024] = b"\xc3" * (512 * 1024)
+    expected[2 * MiB : 2 * MiB + 512 * KiB] = b"\xc3" * (512 * KiB)
     expected[4 * MiB : 4 * MiB + 65536] = b"\xd4" * 65536
     assert view == bytes(expected), "the merged view is wrong"
     # -v shows the whole chain, top first.
@@ -191,8 +186,8 @@ def test_merged_view_and_writes_land_in_the_top(fde: Runner, tmp_path: Path) -> 
     assert f"{mid}: backing file 'base.qcow2' -> {base} (qcow2)" in log, log
     # The write is in the top only; the files below are untouched.
     assert {p: sha256(p) for p in (base, mid)} == below
-    io("qcow2", top, "read -P 0xe5 6M 64k")
-    io("qcow2", mid, "read -P 0 6M 64k")
+    qemu_io("qcow2", top, "read -P 0xe5 6M 64k")
+    qemu_io("qcow2", mid, "read -P 0 6M 64k")
     out = subprocess.run(
         ["qemu-img", "map", "--output=json", "-f", "qcow2", str(top)],
         capture_output=True,
@@ -308,7 +303,7 @@ def test_vmdk_with_extents_beside_it_is_exported(
 ) -> None:
     vmdk = tmp_path / "disk.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", str(vmdk), "16M")
-    io("vmdk", vmdk, "write -P 0x5c 1M 64k")
+    qemu_io("vmdk", vmdk, "write -P 0x5c 1M 64k")
     proc = fde.start_live(str(vmdk))
     with open(vmdk, "rb") as f:
         f.seek(MiB)

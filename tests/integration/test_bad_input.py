@@ -22,13 +22,9 @@ from pathlib import Path
 import pytest
 
 from fuse_disk_export import mounts
-from tests.conftest import Runner, image_format, qemu_img
-from tests.integration.fault_helpers import (
-    assert_all_clean,
-    make_qcow2,
-    one_line,
-    sha256,
-)
+from tests.helpers.checks import assert_all_clean, one_line
+from tests.helpers.images import image_format, make_qcow2, qemu_img, sha256
+from tests.helpers.runner import Runner
 
 #: "Within a few seconds": a refusal takes about 0.15 s here.
 QUICK = 5.0

@@ -19,6 +19,7 @@ import pytest
 
 from fuse_disk_export.detect import probe
 from fuse_disk_export.errors import ImageError
+from tests.helpers.units import MiB
 
 if shutil.which("qemu-img") is None:
     if os.environ.get("CI") == "true":
@@ -152,7 +153,7 @@ def test_probe_agrees_with_qemu_img(tmp_path: Path, name: str, size: str) -> Non
 def test_luks_payload_size_matches(tmp_path: Path) -> None:
     """LUKS reports the file size minus the payload offset, as QEMU computes it."""
     luks(tmp_path, "8M")
-    assert probe(str(tmp_path / "disk")).virtual_size == 8 * 1024 * 1024
+    assert probe(str(tmp_path / "disk")).virtual_size == 8 * MiB
 
 
 def test_resized_qcow2_still_fits(tmp_path: Path) -> None:
@@ -173,7 +174,7 @@ def test_written_qcow2_with_snapshot(tmp_path: Path) -> None:
         capture_output=True,
     )
     qemu_img("snapshot", "-c", "snap1", "disk", cwd=tmp_path)
-    assert probe(str(tmp_path / "disk")).virtual_size == 64 * 1024 * 1024
+    assert probe(str(tmp_path / "disk")).virtual_size == 64 * MiB
 
 
 def test_truncated_qcow2_is_refused_where_qemu_is_not(tmp_path: Path) -> None:

@@ -8,29 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    Runner,
-    image_format,
-    is_mounted,
-    pid_gone,
-    qemu_img,
-    qemu_io,
-    wait_for,
-)
-from tests.integration.fault_helpers import Processes
-
-MiB = 1024 * 1024
-
-
-def make_qcow2(path: Path, size: str = "64M") -> Path:
-    qemu_img("create", "-q", "-f", "qcow2", str(path), size)
-    qemu_io("qcow2", path, "write -P 0x5a 0 1M")
-    qemu_io("qcow2", path, "write -P 0xa5 33M 64k")
-    return path
+from tests.helpers.checks import is_mounted
+from tests.helpers.images import SAMPLE, image_format, make_qcow2, qemu_img, qemu_io
+from tests.helpers.runner import Processes, Runner, pid_gone, wait_for
+from tests.helpers.units import MiB
 
 
 def test_qcow2_round_trip(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     reference = tmp_path / "ref.raw"
     qemu_img("convert", "-O", "raw", str(img), str(reference))
 
@@ -44,8 +29,7 @@ def test_qcow2_round_trip(fde: Runner, tmp_path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
 
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    fde.revert(proc)
     assert not is_mounted(img)
     assert image_format(img) == "qcow2"
     qemu_io("qcow2", img, "read -P 0x42 5M 4k")
@@ -84,7 +68,7 @@ def test_every_format_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_daemonize_ready_when_parent_returns(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     pid_file = tmp_path / "fde.pid"
     result = fde.run("-dp", str(pid_file), str(img))
     assert result.returncode == 0, result.stderr
@@ -103,7 +87,7 @@ def test_daemonize_ready_when_parent_returns(fde: Runner, tmp_path: Path) -> Non
 
 
 def test_daemonize_relative_paths(fde: Runner, tmp_path: Path) -> None:
-    make_qcow2(tmp_path / "foo.qcow2")
+    make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     result = fde.run("-dp", "fde.pid", "foo.qcow2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     pid = int((tmp_path / "fde.pid").read_text())
@@ -120,7 +104,7 @@ def test_daemonize_relative_paths(fde: Runner, tmp_path: Path) -> None:
 def test_stop_signals_revert_with_status_0(
     fde: Runner, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     proc = fde.start_live(str(img))
     proc.send_signal(sig)
     assert proc.wait(timeout=30) == 0
@@ -130,7 +114,7 @@ def test_stop_signals_revert_with_status_0(
 
 def test_sigint_to_process_group(fde: Runner, tmp_path: Path) -> None:
     """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group."""
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     proc = fde.start_live(str(img), new_session=True)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
@@ -139,7 +123,7 @@ def test_sigint_to_process_group(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_awkward_names(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "my disk,format=raw:x.qcow2")
+    img = make_qcow2(tmp_path / "my disk,format=raw:x.qcow2", "64M", *SAMPLE)
     proc = fde.start_live(str(img))
     assert image_format(img) == "raw"
     fde.revert(proc)
@@ -147,8 +131,8 @@ def test_awkward_names(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_all_or_nothing(fde: Runner, hand: Processes, tmp_path: Path) -> None:
-    good = make_qcow2(tmp_path / "good.qcow2")
-    busy = make_qcow2(tmp_path / "busy.qcow2")
+    good = make_qcow2(tmp_path / "good.qcow2", "64M", *SAMPLE)
+    busy = make_qcow2(tmp_path / "busy.qcow2", "64M", *SAMPLE)
     pid_file = tmp_path / "fde.pid"
     hand.hold_image(busy)  # another QEMU process holds busy.qcow2 open, with its lock
     result = fde.run("-dp", str(pid_file), str(good), str(busy))

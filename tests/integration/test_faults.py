@@ -25,22 +25,26 @@ import psutil
 import pytest
 
 from fuse_disk_export import mounts
-from tests.conftest import Runner, image_format, pid_gone, qemu_img, require, wait_for
-from tests.integration.fault_helpers import (
-    MiB,
-    Processes,
+from tests.helpers.checks import (
     assert_all_clean,
     assert_not_mounted,
     daemons_using,
-    io,
-    make_qcow2,
     mounts_under,
     one_line,
-    qemu_img_check,
-    sha256,
-    wait_daemon_child,
     wait_first_mount,
 )
+from tests.helpers.host import require
+from tests.helpers.images import (
+    image_format,
+    make_qcow2,
+    qcow2_images,
+    qemu_img,
+    qemu_img_check,
+    qemu_io,
+    sha256,
+)
+from tests.helpers.runner import Processes, Runner, pid_gone, wait_daemon_child, wait_for
+from tests.helpers.units import MiB
 
 pytestmark = pytest.mark.faults
 
@@ -86,8 +90,8 @@ def test_daemon_killed_while_serving(fde: Runner, tmp_path: Path) -> None:
     assert_not_mounted(img)
     assert_all_clean(tmp_path, pid_files=(pid_file,))
     assert image_format(img) == "qcow2"
-    io("qcow2", img, "read -P 0x42 2M 64k")
-    io("qcow2", img, "read -P 0x5a 0 1M")
+    qemu_io("qcow2", img, "read -P 0x42 2M 64k")
+    qemu_io("qcow2", img, "read -P 0x5a 0 1M")
     qemu_img_check(img)
 
 
@@ -112,7 +116,7 @@ def test_daemon_killed_while_serving_detached(fde: Runner, tmp_path: Path) -> No
     assert_all_clean(tmp_path, pid_files=(pid_file,))
     text = log.read_text()
     assert "SIGKILL" in text and str(img) in text, text
-    io("qcow2", img, "read -P 0x5a 0 1M")
+    qemu_io("qcow2", img, "read -P 0x5a 0 1M")
     qemu_img_check(img)
 
 
@@ -153,7 +157,7 @@ def test_tool_killed(fde: Runner, tmp_path: Path, detach: bool) -> None:
     assert elapsed < PROMPT
     assert_not_mounted(img)
     assert_all_clean(tmp_path, pid_files=(pid_file,))
-    io("qcow2", img, "read -P 0x42 2M 64k")
+    qemu_io("qcow2", img, "read -P 0x42 2M 64k")
     qemu_img_check(img)
 
 
@@ -162,15 +166,6 @@ def test_tool_killed(fde: Runner, tmp_path: Path, detach: bool) -> None:
 
 
 SETUP_IMAGES = 32  # ~40 ms from the first mount to the last here: a wide enough window
-
-
-def many_images(root: Path, count: int = SETUP_IMAGES) -> dict[Path, str]:
-    images = {}
-    for i in range(count):
-        img = root / f"disk{i:02}.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
-        images[img] = sha256(img)
-    return images
 
 
 def unchanged(images: dict[Path, str]) -> None:
@@ -187,7 +182,7 @@ def interrupted_line(proc: subprocess.Popen[str]) -> str:
 
 
 def test_sigint_as_soon_as_the_daemon_exists(fde: Runner, tmp_path: Path) -> None:
-    images = many_images(tmp_path)
+    images = qcow2_images(tmp_path, SETUP_IMAGES)
     pid_file = tmp_path / "fde.pid"
     proc = fde.start("-p", str(pid_file), *map(str, images))
     deadline = time.monotonic() + 30
@@ -209,7 +204,7 @@ def test_sigint_as_soon_as_the_daemon_exists(fde: Runner, tmp_path: Path) -> Non
 
 
 def test_sigterm_at_the_first_mount(fde: Runner, tmp_path: Path) -> None:
-    images = many_images(tmp_path)
+    images = qcow2_images(tmp_path, SETUP_IMAGES)
     pid_file = tmp_path / "fde.pid"
     proc = fde.start("-p", str(pid_file), *map(str, images))
     wait_first_mount(tmp_path)
@@ -232,7 +227,7 @@ def _serving_tool(mountpoint: str) -> tuple[int, int]:
 
 
 def test_sigterm_to_the_detached_process_during_setup(fde: Runner, tmp_path: Path) -> None:
-    images = many_images(tmp_path)
+    images = qcow2_images(tmp_path, SETUP_IMAGES)
     pid_file = tmp_path / "fde.pid"
     waiting = fde.start("-dp", str(pid_file), *map(str, images))
     tool, daemon = _serving_tool(wait_first_mount(tmp_path))
@@ -250,7 +245,7 @@ def test_sigterm_to_the_detached_process_during_setup(fde: Runner, tmp_path: Pat
 def test_ctrl_c_to_the_waiting_parent_during_setup(fde: Runner, tmp_path: Path) -> None:
     """The parent of a -d run is interrupted before it heard "ready": nobody knows the exports
     are live, so the detached process must not keep them."""
-    images = many_images(tmp_path)
+    images = qcow2_images(tmp_path, SETUP_IMAGES)
     pid_file = tmp_path / "fde.pid"
     waiting = fde.start("-dp", str(pid_file), *map(str, images))
     tool, daemon = _serving_tool(wait_first_mount(tmp_path))
@@ -384,11 +379,10 @@ def test_writes_then_sigint(fde: Runner, tmp_path: Path, how: str) -> None:
         check=True,
         capture_output=True,
     )
-    proc.send_signal(signal.SIGINT)  # right after the writer returned
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)  # right after the writer returned
     assert_all_clean(tmp_path)
-    io("qcow2", img, "read -P 0x6b 8M 4M")
-    io("qcow2", img, "read -P 0 0 8M")
+    qemu_io("qcow2", img, "read -P 0x6b 8M 4M")
+    qemu_io("qcow2", img, "read -P 0 0 8M")
     qemu_img_check(img)
 
 
@@ -478,12 +472,11 @@ def test_disk_full_while_writing(fde: Runner, small_fs: Path, direct: bool) -> N
     )
     assert writer.returncode != 0, "the writer must see the full disk"
     assert re.search(r"No space left on device|Input/output error", writer.stderr), writer.stderr
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    fde.revert(proc)
     assert_not_mounted(img)
     assert mounts_under(small_fs) == [] and daemons_using(small_fs) == []
     assert image_format(img) == "qcow2"
-    io("qcow2", img, "read -P 0x5a 0 1M")
+    qemu_io("qcow2", img, "read -P 0x5a 0 1M")
     qemu_img_check(img)
 
 

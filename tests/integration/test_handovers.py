@@ -23,14 +23,10 @@ import psutil
 import pytest
 
 from fuse_disk_export import mounts
-from tests.conftest import Runner, pid_gone, qemu_img, require, wait_for
-from tests.integration.fault_helpers import (
-    assert_all_clean,
-    daemons_using,
-    one_line,
-    sha256,
-    wait_first_mount,
-)
+from tests.helpers.checks import assert_all_clean, daemons_using, one_line, wait_first_mount
+from tests.helpers.host import require
+from tests.helpers.images import qcow2_images, qemu_img, sha256
+from tests.helpers.runner import Runner, pid_gone, wait_for
 
 #: The issue's bound: after a stop signal, nothing exported and nothing running within 1 s.
 WITHIN = 1.0
@@ -112,15 +108,6 @@ def ours_running(root: Path) -> list[int]:
     return sorted(found)
 
 
-def images(root: Path, count: int) -> dict[Path, str]:
-    made = {}
-    for i in range(count):
-        img = root / f"disk{i:02}.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
-        made[img] = sha256(img)
-    return made
-
-
 def assert_nothing_left(root: Path, made: dict[Path, str], pid_file: Path) -> None:
     """Within WITHIN: nothing mounted, nothing of ours running, no pid file, images intact."""
     wait_for(lambda: not ours_running(root), WITHIN, "nothing of ours running")
@@ -164,7 +151,7 @@ def test_sigint_inherited_ignored_is_never_lost(
 ) -> None:
     if how == "-dp" and point == "daemon":
         pytest.skip("the detached process starts its daemon after the parent has forked")
-    made = images(tmp_path, 16 if point == "first-mount" else 1)
+    made = qcow2_images(tmp_path, 16 if point == "first-mount" else 1)
     pid_file = tmp_path / "fde.pid"
     mode = ["-dp", str(pid_file)] if how == "-dp" else ["-p", str(pid_file)]
     s = Started(fde, "-v", *mode, *map(str, made), cwd=tmp_path)
@@ -184,7 +171,7 @@ def test_sigint_inherited_ignored_is_never_lost(
 
 
 def test_sigint_after_live_reverts_and_exits_0(fde: Runner, tmp_path: Path) -> None:
-    made = images(tmp_path, 1)
+    made = qcow2_images(tmp_path, 1)
     pid_file = tmp_path / "fde.pid"
     s = Started(fde, "-p", str(pid_file), *map(str, made), cwd=tmp_path)
     s.wait_output("All exports set up")
@@ -196,7 +183,7 @@ def test_sigint_after_live_reverts_and_exits_0(fde: Runner, tmp_path: Path) -> N
 
 def test_signal_to_the_dp_parent_after_live_changes_nothing(fde: Runner, tmp_path: Path) -> None:
     """The parent returns 0 once live; the export stays until its own process is signalled."""
-    made = images(tmp_path, 1)
+    made = qcow2_images(tmp_path, 1)
     pid_file = tmp_path / "fde.pid"
     s = Started(fde, "-dp", str(pid_file), *map(str, made), cwd=tmp_path)
     status, err = s.finish()
@@ -365,5 +352,4 @@ def test_a_raw_image_is_exported_with_a_note(fde: Runner, tmp_path: Path) -> Non
     img.write_bytes(b"\x11" * 65536)
     proc = fde.start_live(str(img))
     err = fde.revert(proc)
-    err = err
     assert "already a raw image" in err and str(img) in err, err

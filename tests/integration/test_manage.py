@@ -20,22 +20,17 @@ from typing import Any
 import pytest
 
 from fuse_disk_export import mounts
-from tests.conftest import Runner, image_format, is_mounted, pid_gone, qemu_img, read_line, wait_for
-from tests.integration.test_export import make_qcow2
-from tests.unit.test_cli_help import complete
+from tests.helpers.checks import is_mounted
+from tests.helpers.completion import complete
+from tests.helpers.images import SAMPLE, image_format, make_qcow2, qemu_img
+from tests.helpers.runner import Runner, pid_gone, read_line, wait_for
+from tests.helpers.units import MiB
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "qemu-fuse-disk-export.py"
 UNIT = REPO / "scripts" / "fuse-disk-export@.service"
 
-
-@pytest.fixture(autouse=True)
-def registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A private registry: other test runs on this machine have exports of their own."""
-    runtime = tmp_path / "run"
-    runtime.mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    return runtime / "fuse-disk-export"
+pytestmark = pytest.mark.usefixtures("registry")
 
 
 @pytest.fixture
@@ -62,7 +57,7 @@ def receive(sock: socket.socket) -> dict[str, str]:
 
 
 def test_list_and_stop(fde: Runner, tmp_path: Path) -> None:
-    a = make_qcow2(tmp_path / "a.qcow2")
+    a = make_qcow2(tmp_path / "a.qcow2", "64M", *SAMPLE)
     b = tmp_path / "b.vdi"
     qemu_img("create", "-q", "-f", "vdi", str(b), "16M")
     assert fde.run("-dp", "a.pid", str(a)).returncode == 0
@@ -75,8 +70,8 @@ def test_list_and_stop(fde: Runner, tmp_path: Path) -> None:
     assert [
         (i["image"], i["format"], i["virtual_size"], i["writable"], i["pid"]) for i in items
     ] == [
-        (str(a), "qcow2", 64 << 20, True, pid_a),
-        (str(b), "vdi", 16 << 20, False, pid_b),
+        (str(a), "qcow2", 64 * MiB, True, pid_a),
+        (str(b), "vdi", 16 * MiB, False, pid_b),
     ]
     assert [i["mountpoint"] for i in items] == [str(a), str(b)]
     assert all(not pid_gone(i["daemon_pid"]) for i in items)
@@ -106,7 +101,7 @@ def test_list_and_stop(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_completion_of_stop_offers_live_exports(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     proc = fde.start_live(str(img))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     assert complete("--stop", "", env=env) == sorted([str(img), str(proc.pid)])
@@ -115,7 +110,7 @@ def test_completion_of_stop_offers_live_exports(fde: Runner, tmp_path: Path) -> 
 
 
 def test_stop_a_foreground_export_by_pid(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     proc = fde.start_live(str(img))
     result = fde.run("--stop", str(proc.pid))
     assert result.returncode == 0, result.stderr
@@ -125,7 +120,7 @@ def test_stop_a_foreground_export_by_pid(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_stop_what_is_not_exported(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     result = fde.run("--stop", str(img))
     assert result.returncode == 1
     assert result.stderr == f"fuse-disk-export: {img}: is not exported (see --list)\n"
@@ -135,7 +130,7 @@ def test_stop_what_is_not_exported(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_stop_cleans_up_a_dead_mount(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     assert fde.run("-d", str(img)).returncode == 0
     (item,) = listed(fde)
     fde.track_pid(item["pid"])
@@ -154,7 +149,7 @@ def test_stop_cleans_up_a_dead_mount(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_daemon_says_why_it_stopped(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     log = tmp_path / "fde.log"
     assert fde.run("-d", "--log-file", "fde.log", str(img)).returncode == 0
     (item,) = listed(fde)
@@ -171,7 +166,7 @@ def test_daemon_says_why_it_stopped(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_log_file_needs_daemonize(fde: Runner, tmp_path: Path) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     result = fde.run("--log-file", "x.log", str(img))
     assert result.returncode == 2 and "--log-file goes with -d" in result.stderr
     result = fde.run("-d", "--log-file", str(tmp_path / "no" / "x.log"), str(img))
@@ -182,7 +177,7 @@ def test_log_file_needs_daemonize(fde: Runner, tmp_path: Path) -> None:
 def test_systemd_ready_only_once_live(
     fde: Runner, tmp_path: Path, notify_socket: socket.socket
 ) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     proc = fde.start(str(img))
     ready = receive(notify_socket)
     live_at_receipt = is_mounted(img)
@@ -199,7 +194,7 @@ def test_systemd_ready_only_once_live(
 def test_systemd_notify_from_a_daemon_on_an_abstract_socket(
     fde: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     name = f"fde-test-{os.getpid()}-{tmp_path.name}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
@@ -244,7 +239,7 @@ def test_failed_setup_never_says_ready(
 
 def test_the_posts_script_name(fde: Runner, tmp_path: Path) -> None:
     """qemu-fuse-disk-export.py, run as the post does, from this checkout (via its .venv)."""
-    img = make_qcow2(tmp_path / "foo.qcow2")
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     assert os.access(SCRIPT, os.X_OK)
     proc = subprocess.Popen(
         [str(SCRIPT), "foo.qcow2"],
@@ -257,8 +252,7 @@ def test_the_posts_script_name(fde: Runner, tmp_path: Path) -> None:
     fde.procs.append(proc)
     assert read_line(proc, 30) == "All exports set up, ^C to revert\n"
     assert image_format(img) == "raw"
-    proc.send_signal(signal.SIGINT)  # kill -SIGINT %1
-    assert proc.wait(timeout=30) == 0
+    fde.revert(proc)  # kill -SIGINT %1
     assert image_format(img) == "qcow2"
 
     result = subprocess.run(
@@ -305,7 +299,7 @@ def test_service_unit_runs_as_systemd_would(
     """The unit's own ExecStart, readiness protocol and stop signal, without systemd."""
     service = _unit()["Service"]
     assert service["Type"] == "notify" and service["KillMode"] == "mixed"
-    img = make_qcow2(tmp_path / "my disk.qcow2")
+    img = make_qcow2(tmp_path / "my disk.qcow2", "64M", *SAMPLE)
     argv = shlex.split(service["ExecStart"])
     assert argv[0] == "fuse-disk-export"
     argv = [str(Path(sys.executable).parent / "fuse-disk-export")] + [

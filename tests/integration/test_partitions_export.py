@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    Runner,
-    image_format,
-    is_mounted,
-    pid_gone,
-    qemu_img,
-    qemu_io,
-    require,
-    wait_for,
-)
-
-MiB = 1024 * 1024
+from tests.helpers.checks import is_mounted
+from tests.helpers.host import require
+from tests.helpers.images import image_format, make_qcow2, qemu_img, qemu_io
+from tests.helpers.runner import Runner, pid_gone, wait_for
+from tests.helpers.units import MiB
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +179,8 @@ def test_mountpoint_already_mounted_is_refused(fde: Runner, tmp_path: Path) -> N
 def test_nbd_beside_fuse_shows_allocation_depth(
     fde: Runner, tmp_path: Path, fs_tools: None
 ) -> None:
-    base = tmp_path / "base.qcow2"
+    base = make_qcow2(tmp_path / "base.qcow2", "16M", (0x11, "0", "1M"))
     top = tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(base), "16M")
-    qemu_io("qcow2", base, "write -P 0x11 0 1M")
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
     qemu_io("qcow2", top, "write -P 0x22 4M 1M")
     sock = tmp_path / "nbd.sock"

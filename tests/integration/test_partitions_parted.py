@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from fuse_disk_export.partitions import PartitionTable, read_table
+from tests.helpers.units import MiB
 
-MiB = 1024 * 1024
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 

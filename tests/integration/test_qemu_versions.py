@@ -13,8 +13,11 @@ import pytest
 
 from fuse_disk_export import mounts
 from fuse_disk_export.engine import versions
-from tests.conftest import Runner, pid_gone, qemu_img, qemu_version, require
-from tests.integration.fault_helpers import MiB, assert_all_clean
+from tests.helpers.checks import assert_all_clean
+from tests.helpers.host import qemu_version, require
+from tests.helpers.images import qemu_img
+from tests.helpers.runner import Runner, pid_gone, wait_for
+from tests.helpers.units import MiB
 
 
 def max_background(path: Path) -> int:
@@ -40,8 +43,7 @@ def test_write_guard_on_every_affected_qemu(fde: Runner, tmp_path: Path, guard: 
         assert max_background(ro) != 1, "read-only exports are not limited"
     finally:
         for p in (proc, ro_proc):
-            p.send_signal(signal.SIGINT)
-            assert p.wait(timeout=30) == 0
+            fde.revert(p)
     affected = versions.needs_write_guard(qemu_version())
     assert affected, "no released QEMU is known to contain the FUSE write-buffer fix"
     assert limited == (guard == "default")
@@ -71,7 +73,6 @@ def test_convert_n_into_a_writable_export(fde: Runner, tmp_path: Path, fmt: str)
         )
     finally:
         err = fde.revert(proc)
-    err = err
     # Equal on every QEMU: from 8.0 QEMU zeroes the punched hole; before, the tool makes the
     # punch fail, and qemu-img falls back to writing zeroes.
     assert compare.returncode == 0, compare.stdout + compare.stderr
@@ -106,7 +107,5 @@ def test_setup_warnings_reach_a_dp_user_and_list(fde: Runner, tmp_path: Path) ->
             )
     finally:
         os.kill(serving, signal.SIGINT)
-    from tests.conftest import wait_for
-
     wait_for(lambda: not pid_file.exists() and pid_gone(serving), 10, "the revert")
     assert_all_clean(tmp_path, pid_files=(pid_file,))

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from fuse_disk_export.cli import build_parser
+from tests.helpers.completion import complete
 
-COMPLETION = (
-    Path(__file__).resolve().parents[2] / "scripts" / "completion" / "fuse-disk-export.bash"
-)
 HIDDEN = {"-h", "--help", "--version", "--json"}  # named in the usage line or another option's help
 
 
@@ -31,26 +27,6 @@ def test_help_fits_on_one_screen(monkeypatch: pytest.MonkeyPatch) -> None:
         for name in action.option_strings:
             assert name in text or name in HIDDEN, name
     assert "--json" in lines[1] and "examples:" in text
-
-
-def complete(*words: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> list[str]:
-    """What the completion function offers for the last of ``words``."""
-    if shutil.which("bash") is None:
-        pytest.skip("bash is missing")
-    script = (
-        f"source {COMPLETION}\n"
-        'COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _fuse_disk_export\n'
-        'printf "%s\\n" "${COMPREPLY[@]}"\n'
-    )
-    out = subprocess.run(
-        ["bash", "-c", script, "bash", "fuse-disk-export", *words],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return sorted(line for line in out.stdout.splitlines() if line)
 
 
 def test_completion_offers_every_option() -> None:

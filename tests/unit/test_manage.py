@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fuse_disk_export import manage, state
-from tests.unit.test_state import record
+from tests.helpers.records import record
 
 pytestmark = pytest.mark.usefixtures("registry")
 

@@ -130,6 +130,9 @@ def python_commands(source: str) -> dict[str, list[int]]:
             values = named(node.args[0])
         elif name == "require" and len(node.args) >= 2:
             values = [v for v in named(node.args[1]) if "/" not in v]
+        elif name == "Driver" and len(node.args) >= 2:
+            # fuse_disk_export.filesystems: Driver(fs, program, package, ...) runs ``program``.
+            values = named(node.args[1])
         elif name in ARGV_CALLS:
             first = node.args[0]
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
@@ -255,7 +258,7 @@ def test_every_listed_command_is_run() -> None:
 def test_python_patterns_are_found() -> None:
     source = """
 import shutil, subprocess
-from tests.conftest import require
+from tests.helpers.host import require
 NEEDED = ("n1", "n2")
 def f(tool, run, fde, path):
     shutil.which("w1")

@@ -11,24 +11,10 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 
 from fuse_disk_export import state
-from tests.conftest import wait_for
+from tests.helpers.records import record
+from tests.helpers.runner import wait_for
 
 pytestmark = pytest.mark.usefixtures("registry")
-
-
-def record(pid: int, mountpoint: str = "/images/a.qcow2", **kw: object) -> state.ExportRecord:
-    fields: dict[str, object] = dict(
-        image=mountpoint,
-        format="qcow2",
-        virtual_size=1 << 30,
-        mountpoint=mountpoint,
-        writable=True,
-        pid=pid,
-        daemon_pid=pid + 1,
-        since=1.0,
-    )
-    fields.update(kw)
-    return state.ExportRecord(**fields)  # type: ignore[arg-type]
 
 
 def test_start_time_agrees_with_psutil() -> None:

@@ -1,0 +1,34 @@
+"""What this machine has: system requirements (skipped without them, failed under CI=true) and
+the QEMU the run tests."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip when a system requirement is missing; under CI=true, fail instead."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true and {what} is missing", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+@functools.cache
+def qemu_version() -> tuple[int, int, int]:
+    """The version of the qemu-storage-daemon on PATH (the QEMU this run tests)."""
+    out = subprocess.run(
+        ["qemu-storage-daemon", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    assert found, out
+    major, minor, micro = map(int, found.groups())
+    return major, minor, micro

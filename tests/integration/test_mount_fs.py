@@ -1,0 +1,230 @@
+"""``--mount-fs DIR``: the files inside an image, through a userspace driver on top of the export.
+
+Real images (GPT + ext4, NTFS, FAT, a whole-disk ext4 without a table), real drivers (fuse2fs,
+ntfs-3g, fusefat), real FUSE mounts, both layers checked gone after every test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fuse_disk_export import mounts
+from tests.helpers.checks import assert_all_clean, is_mounted
+from tests.helpers.host import require
+from tests.helpers.images import qemu_img
+from tests.helpers.runner import Runner, pid_gone, wait_for
+from tests.helpers.units import MiB
+
+SBIN = "/usr/local/sbin:/usr/sbin:/sbin:" + os.environ.get("PATH", "")
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=SBIN)
+    require(found is not None, name)
+    assert found is not None
+    return found
+
+
+def _table(raw: Path, *parts: tuple[int, int, str]) -> None:
+    script = "label: gpt\n" + "".join(
+        f"start={start}, size={size}, type={kind}\n" for start, size, kind in parts
+    )
+    subprocess.run([tool("sfdisk"), "-q", str(raw)], input=script, text=True, check=True)
+
+
+LINUX = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+BASIC = "EBD0A0A2-B9E5-4433-87C0-68B6979AC7C7"
+
+
+def _mkfs(raw: Path, fs: str, offset: int, size: int) -> None:
+    """A filesystem of ``size`` bytes at ``offset`` of ``raw``, holding hello.txt."""
+    part = raw.with_suffix(".part")
+    with open(part, "wb") as f:
+        f.truncate(size)
+    seed = raw.parent / "seed"
+    seed.mkdir(exist_ok=True)
+    (seed / "hello.txt").write_text(f"hello from {fs}\n")
+    if fs == "ext4":
+        subprocess.run([tool("mkfs.ext4"), "-q", "-F", "-d", str(seed), str(part)], check=True)
+    elif fs == "ntfs":
+        subprocess.run(
+            [tool("mkntfs"), "-q", "-F", "-f", str(part)], check=True, capture_output=True
+        )
+    elif fs == "vfat":
+        subprocess.run([tool("mkfs.fat"), str(part)], check=True, capture_output=True)
+    with open(part, "rb") as src, open(raw, "r+b") as dst:
+        dst.seek(offset)
+        shutil.copyfileobj(src, dst)
+    part.unlink()
+
+
+def make_disk(root: Path, fs: str, fmt: str = "qcow2", table: bool = True) -> Path:
+    raw = root / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    offset = 0
+    if table:
+        _table(raw, (2048, 100000, BASIC if fs != "ext4" else LINUX))
+        offset = 2048 * 512
+    _mkfs(raw, fs, offset, 100000 * 512 if table else 64 * MiB)
+    image = root / f"disk.{fmt}"
+    qemu_img("convert", "-f", "raw", "-O", fmt, str(raw), str(image))
+    raw.unlink()
+    return image
+
+
+def _mount_dir(root: Path) -> Path:
+    directory = root / "mnt"
+    directory.mkdir()
+    return directory
+
+
+def _stop(pid_file: Path) -> None:
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: not pid_file.exists() and pid_gone(pid), 30, "the revert")
+
+
+def _files_ready(fde: Runner, root: Path, *args: str) -> tuple[Path, Path]:
+    directory = _mount_dir(root)
+    pid_file = root / "fde.pid"
+    result = fde.run("-dp", str(pid_file), "--mount-fs", str(directory), *args)
+    assert result.returncode == 0, result.stderr
+    fde.track_pid(int(pid_file.read_text()))
+    # -d returned: the filesystem is there already.
+    assert is_mounted(directory)
+    return directory, pid_file
+
+
+def test_ext4_in_a_gpt_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
+    image = make_disk(tmp_path, "ext4")
+    directory, pid_file = _files_ready(fde, tmp_path, str(image))
+    assert (directory / "hello.txt").read_text() == "hello from ext4\n"
+    (directory / "new.txt").write_text("written through both layers\n")
+    entry = mounts.mount_at(str(directory))
+    assert entry is not None and entry.is_fuse
+    assert not is_mounted(image), "the image's own path is not touched"
+    listed = json.loads(fde.run("--list", "--json").stdout)
+    assert [(r["fs_dir"], r["fs_type"], r["fs_driver"]) for r in listed] == [
+        (str(directory), "ext", "fuse2fs")
+    ]
+    assert str(directory) in fde.run("--list").stdout
+    _stop(pid_file)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    assert not is_mounted(directory)
+    # The write is in the image: read it back read-only, through a second export.
+    directory.rmdir()
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
+    assert (directory / "new.txt").read_text() == "written through both layers\n"
+    stop = fde.run("--stop", str(directory))
+    assert stop.returncode == 0, stop.stderr
+    assert not pid_file.exists() and not is_mounted(directory)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "vdi"])
+def test_whole_disk_ext4_without_a_table(fde: Runner, tmp_path: Path, fmt: str) -> None:
+    image = make_disk(tmp_path, "ext4", fmt=fmt, table=False)
+    start = time.monotonic()
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
+    names = os.listdir(directory)
+    elapsed = time.monotonic() - start
+    assert "hello.txt" in names, names
+    print(f"{fmt}: command to a working ls in {elapsed * 1000:.0f} ms")
+    _stop(pid_file)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+def test_ntfs_read_write(fde: Runner, tmp_path: Path) -> None:
+    image = make_disk(tmp_path, "ntfs")
+    directory, pid_file = _files_ready(fde, tmp_path, str(image))
+    (directory / "n.txt").write_text("ntfs\n")
+    _stop(pid_file)
+    directory.rmdir()
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
+    assert (directory / "n.txt").read_text() == "ntfs\n"
+    with pytest.raises(OSError):
+        (directory / "x.txt").write_text("no")
+    _stop(pid_file)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
+    image = make_disk(tmp_path, "vfat")
+    directory = _mount_dir(tmp_path)
+    refused = fde.run("--mount-fs", str(directory), str(image))
+    assert refused.returncode == 2 and "fusefat" in refused.stderr and "-r" in refused.stderr
+    assert not is_mounted(directory)
+    directory.rmdir()
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
+    assert os.path.isdir(directory)
+    _stop(pid_file)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+def test_sigint_unmounts_both_layers(fde: Runner, tmp_path: Path) -> None:
+    image = make_disk(tmp_path, "ext4")
+    directory = _mount_dir(tmp_path)
+    proc = fde.start_live("--mount-fs", str(directory), str(image))
+    assert is_mounted(directory)
+    (directory / "late.txt").write_text("just before the revert\n")
+    fde.revert(proc)
+    assert not is_mounted(directory)
+    assert_all_clean(tmp_path)
+
+
+def _driver(directory: Path) -> int:
+    entry = mounts.mount_at(str(directory))
+    assert entry is not None
+    servers = mounts.fuse_server_pids(entry)
+    assert servers
+    return servers[0]
+
+
+@pytest.mark.parametrize("victim", ["driver", "daemon"])
+def test_a_killed_layer_leaves_no_dead_mount(fde: Runner, tmp_path: Path, victim: str) -> None:
+    image = make_disk(tmp_path, "ext4")
+    directory, pid_file = _files_ready(fde, tmp_path, str(image))
+    serving = int(pid_file.read_text())
+    if victim == "driver":
+        os.kill(_driver(directory), signal.SIGKILL)
+    else:
+        daemons = [
+            c.pid for c in psutil.Process(serving).children() if c.name().startswith("qemu-st")
+        ]
+        assert daemons
+        os.kill(daemons[0], signal.SIGKILL)
+    wait_for(lambda: pid_gone(serving), 10, "the tool to notice and exit")
+    wait_for(lambda: not is_mounted(directory), 5, "the directory to be detached")
+    os.stat(directory)  # not "Transport endpoint is not connected"
+    assert not pid_file.exists()
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+def test_choice_of_partition(fde: Runner, tmp_path: Path) -> None:
+    raw = tmp_path / "two.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    _table(raw, (2048, 40000, LINUX), (43008, 40000, LINUX))
+    _mkfs(raw, "ext4", 2048 * 512, 40000 * 512)
+    _mkfs(raw, "ext4", 43008 * 512, 40000 * 512)
+    image = tmp_path / "two.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    directory = _mount_dir(tmp_path)
+    refused = fde.run("-r", "--mount-fs", str(directory), str(image))
+    assert refused.returncode == 2
+    assert "1: ext" in refused.stderr and "2: ext" in refused.stderr and "-P" in refused.stderr
+    directory.rmdir()
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", "-P", "2", str(image))
+    assert (directory / "hello.txt").exists()
+    _stop(pid_file)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
