@@ -114,7 +114,12 @@ def _regular_file(
     what: str = "",
     owner: str | None = None,
 ) -> None:
-    """Refuse anything but a regular file; ``owner``, if given, is the file the error names."""
+    """Refuse anything but a regular file; ``owner``, if given, is the file the error names.
+
+    By stat, before anything opens the path, so that a device is never opened and the refusal is
+    worded for an export.  `detect.probe` checks the file it opens once more: the path may have
+    been replaced in between, and only its check is on the file actually read.
+    """
     prefix = f"{what} " if what else ""
     about = owner or path
     try:

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from fuse_disk_export.bounded import BoundedReader, OverBudget, PastEnd, ReadFailed, ShortRead
 from fuse_disk_export.errors import PartitionError
 
 __all__ = [
@@ -141,8 +142,8 @@ def read_table(
     none = PartitionTable(scheme="none", sector_size=sector_size, partitions=())
     if disk_size < _MBR_SIZE:
         return none
-    reader = _Reader(read, disk_size)
-    mbr = reader.read(0, _MBR_SIZE, "MBR", "the MBR")
+    reader = BoundedReader(read, disk_size, MAX_TABLE_BYTES, clip=False, max_read=MAX_READ)
+    mbr = _read(reader, 0, _MBR_SIZE, "MBR", "the MBR")
     entries = _mbr_entries(mbr)
     if entries is None:
         return none
@@ -171,43 +172,21 @@ def format_table(table: PartitionTable) -> list[tuple[str, str, str, str, str]]:
 # --- reading ------------------------------------------------------------------------------------
 
 
-class _Reader:
-    """Wraps the caller's ``read`` with the bounds every read must respect."""
-
-    def __init__(self, read: Callable[[int, int], bytes], disk_size: int) -> None:
-        self._read = read
-        self._disk_size = disk_size
-        self.total = 0
-
-    def read(self, offset: int, length: int, table: str, what: str) -> bytes:
-        if offset < 0 or offset + length > self._disk_size:
-            raise PartitionError(
-                f"{table}: {what} at byte {offset} lies past the end of the disk "
-                f"({self._disk_size} bytes)"
-            )
-        if self.total + length > MAX_TABLE_BYTES:
-            raise PartitionError(
-                f"{table}: reading {what} would take the table past {MAX_TABLE_BYTES} bytes"
-            )
-        self.total += length
-        chunks = []
-        done = 0
-        while done < length:
-            count = min(MAX_READ, length - done)
-            try:
-                data = self._read(offset + done, count)
-            except OSError as exc:
-                raise PartitionError(
-                    f"{table}: cannot read {what} at byte {offset + done}: {exc.strerror or exc}"
-                ) from exc
-            if len(data) < count:
-                raise PartitionError(
-                    f"{table}: short read of {what} at byte {offset + done}: "
-                    f"{len(data)} of {count} bytes"
-                )
-            chunks.append(bytes(data[:count]))
-            done += count
-        return b"".join(chunks)
+def _read(reader: BoundedReader, offset: int, length: int, table: str, what: str) -> bytes:
+    """Every one of ``length`` bytes at ``offset``, or an error naming ``table`` and ``what``."""
+    try:
+        return reader.read(offset, length)
+    except PastEnd:
+        reason = f"{what} at byte {offset} lies past the end of the disk ({reader.size} bytes)"
+    except OverBudget:
+        reason = f"reading {what} would take the table past {MAX_TABLE_BYTES} bytes"
+    except ShortRead as e:
+        reason = f"short read of {what} at byte {e.offset}: {e.got} of {e.wanted} bytes"
+    except ReadFailed as e:
+        raise PartitionError(
+            f"{table}: cannot read {what} at byte {e.offset}: {e.error.strerror or e.error}"
+        ) from e.error
+    raise PartitionError(f"{table}: {reason}")
 
 
 # --- MBR ----------------------------------------------------------------------------------------
@@ -244,7 +223,7 @@ def _mbr_entries(sector: bytes) -> list[_MbrEntry] | None:
 
 
 def _read_mbr(
-    reader: _Reader, entries: list[_MbrEntry], disk_size: int, sector_size: int
+    reader: BoundedReader, entries: list[_MbrEntry], disk_size: int, sector_size: int
 ) -> tuple[Partition, ...]:
     primaries: list[Partition] = []
     # The extended container takes part in the range and overlap checks, but is not listed.
@@ -281,7 +260,9 @@ def _mbr_partition(number: int, start: int, size: int, entry: _MbrEntry) -> Part
     )
 
 
-def _read_ebr_chain(reader: _Reader, extended: Partition, sector_size: int) -> list[Partition]:
+def _read_ebr_chain(
+    reader: BoundedReader, extended: Partition, sector_size: int
+) -> list[Partition]:
     ext_first = extended.start // sector_size
     ext_end = extended.end // sector_size  # one past the last sector
     span = f"sectors {ext_first}-{ext_end - 1}"
@@ -296,7 +277,7 @@ def _read_ebr_chain(reader: _Reader, extended: Partition, sector_size: int) -> l
                 f"MBR: extended partition chain is longer than {MAX_LOGICAL_PARTITIONS} links"
             )
         ebrs.append(ebr)
-        sector = reader.read(ebr * sector_size, _MBR_SIZE, "MBR", f"the EBR at sector {ebr}")
+        sector = _read(reader, ebr * sector_size, _MBR_SIZE, "MBR", f"the EBR at sector {ebr}")
         entries = _mbr_entries(sector)
         if entries is None:
             if ebr == ext_first:
@@ -356,7 +337,7 @@ class _GptHeader:
     entries_crc: int
 
 
-def _read_gpt(reader: _Reader, disk_size: int, sector_size: int) -> tuple[Partition, ...]:
+def _read_gpt(reader: BoundedReader, disk_size: int, sector_size: int) -> tuple[Partition, ...]:
     sectors = disk_size // sector_size
     if sectors < 3:
         raise PartitionError(
@@ -379,11 +360,11 @@ def _read_gpt(reader: _Reader, disk_size: int, sector_size: int) -> tuple[Partit
 
 
 def _read_gpt_copy(
-    reader: _Reader, lba: int, sectors: int, sector_size: int
+    reader: BoundedReader, lba: int, sectors: int, sector_size: int
 ) -> tuple[_GptHeader, bytes]:
     """Read and verify the header at `lba` and its entry array; any fault is a PartitionError."""
     where = "primary" if lba == 1 else "backup"
-    raw = reader.read(lba * sector_size, sector_size, "GPT", f"the {where} header")
+    raw = _read(reader, lba * sector_size, sector_size, "GPT", f"the {where} header")
     (
         signature, _revision, header_size, header_crc, _reserved, my_lba, _alternate_lba,
         first_usable, last_usable, _disk_guid, entries_lba, num_entries, entry_size, entries_crc,
@@ -423,8 +404,8 @@ def _read_gpt_copy(
         )
     array = b""
     if array_size:
-        array = reader.read(
-            entries_lba * sector_size, array_size, "GPT", f"the {where} entry array"
+        array = _read(
+            reader, entries_lba * sector_size, array_size, "GPT", f"the {where} entry array"
         )
     if zlib.crc32(array) != entries_crc:
         raise PartitionError(

@@ -17,6 +17,7 @@ import pytest
 from fuse_disk_export import detect
 from fuse_disk_export.detect import MAX_PROBE_BYTES, ImageInfo, probe, probe_reader
 from fuse_disk_export.errors import ImageError
+from fuse_disk_export.formats.common import Source
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -879,7 +880,7 @@ def test_negative_size_is_refused() -> None:
 
 def test_budget_is_enforced_by_the_reader() -> None:
     """A parser that asks for more than the budget is stopped before the read is made."""
-    src = detect._Source(CountingReader(bytes(1024)), 10 * MAX_PROBE_BYTES)
+    src = Source(CountingReader(bytes(1024)), 10 * MAX_PROBE_BYTES)
     src.read(0, MAX_PROBE_BYTES - 10)
     with pytest.raises(detect.ProbeLimitError):
         src.read(0, 11)
