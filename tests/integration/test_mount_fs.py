@@ -88,10 +88,13 @@ def _mount_dir(root: Path) -> Path:
     return directory
 
 
-def _stop(pid_file: Path) -> None:
+def _stop(pid_file: Path, clean: Path | None = None) -> None:
+    """Revert the export of ``pid_file``; with ``clean``, check nothing is left under it."""
     pid = int(pid_file.read_text())
     os.kill(pid, signal.SIGINT)
     wait_for(lambda: not pid_file.exists() and pid_gone(pid), 30, "the revert")
+    if clean is not None:
+        assert_all_clean(clean, pid_files=(pid_file,))
 
 
 def _files_ready(fde: Runner, root: Path, *args: str) -> tuple[Path, Path]:
@@ -118,8 +121,7 @@ def test_ext4_in_a_gpt_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
         (str(directory), "ext", "fuse2fs")
     ]
     assert str(directory) in fde.run("--list").stdout
-    _stop(pid_file)
-    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    _stop(pid_file, tmp_path)
     assert not is_mounted(directory)
     # The write is in the image: read it back read-only, through a second export.
     directory.rmdir()
@@ -140,8 +142,7 @@ def test_whole_disk_ext4_without_a_table(fde: Runner, tmp_path: Path, fmt: str) 
     elapsed = time.monotonic() - start
     assert "hello.txt" in names, names
     print(f"{fmt}: command to a working ls in {elapsed * 1000:.0f} ms")
-    _stop(pid_file)
-    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    _stop(pid_file, tmp_path)
 
 
 def test_ntfs_read_write(fde: Runner, tmp_path: Path) -> None:
@@ -154,8 +155,7 @@ def test_ntfs_read_write(fde: Runner, tmp_path: Path) -> None:
     assert (directory / "n.txt").read_text() == "ntfs\n"
     with pytest.raises(OSError):
         (directory / "x.txt").write_text("no")
-    _stop(pid_file)
-    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    _stop(pid_file, tmp_path)
 
 
 def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
@@ -167,8 +167,7 @@ def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
     directory.rmdir()
     directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
     assert os.path.isdir(directory)
-    _stop(pid_file)
-    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    _stop(pid_file, tmp_path)
 
 
 def test_sigint_unmounts_both_layers(fde: Runner, tmp_path: Path) -> None:
@@ -226,5 +225,4 @@ def test_choice_of_partition(fde: Runner, tmp_path: Path) -> None:
     directory.rmdir()
     directory, pid_file = _files_ready(fde, tmp_path, "-r", "-P", "2", str(image))
     assert (directory / "hello.txt").exists()
-    _stop(pid_file)
-    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    _stop(pid_file, tmp_path)
