@@ -353,7 +353,7 @@ def _manage(args: argparse.Namespace) -> int:
 
 
 def exit_now(status: int) -> NoReturn:
-    """Exit without tearing the interpreter down (~15 ms the shell would wait for): everything
+    """Exit without tearing the interpreter down (which the shell would wait for): everything
     is reverted and reported by now."""
     logging.shutdown()
     sys.stdout.flush()

@@ -24,7 +24,7 @@ from fuse_disk_export.errors import MountError, QemuError
 from fuse_disk_export.fsmount import Mounted
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
-from fuse_disk_export.prepare import Preparation, prepare_images
+from fuse_disk_export.prepare import ImageExtras, prepare_images
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ExportRequest(NamedTuple):
     tuning: Tuning = Tuning()
     pid_file: str | None = None
     #: Per image: overlay and snapshot server to prepare (empty: none for any image).
-    preparations: Sequence[Preparation] = ()
+    preparations: Sequence[ImageExtras] = ()
     #: Secret objects to create, id -> passphrase (they reach QEMU through pipes).
     secrets: Mapping[str, str] | None = None
     #: ``--mount-fs``: the filesystem to mount over the (one) export, which is on a private file.
@@ -103,7 +103,7 @@ def live(
             # We checked nothing was there before; whatever QEMU leaves there is its socket.
             cleanup.callback(_remove_quietly, request.tuning.nbd_socket)
         specs = [r.spec for r in request.images]
-        needs = request.preparations or [Preparation()] * len(specs)
+        needs = request.preparations or [ImageExtras()] * len(specs)
         prepared = cleanup.enter_context(prepare_images(specs, needs))
         files, fds = cleanup.enter_context(secret_files(request.secrets or {}))
         binary = find_binary()

@@ -25,7 +25,7 @@ from fuse_disk_export.errors import ImageError, RequirementError
 log = logging.getLogger(__name__)
 
 
-class Preparation(NamedTuple):
+class ImageExtras(NamedTuple):
     """What each image needs besides its own files."""
 
     #: Virtual size of the disk the overlay goes on (``--snapshot``); None: no overlay.
@@ -34,7 +34,7 @@ class Preparation(NamedTuple):
     load_snapshot: str | None = None
 
 
-class Prepared:
+class PreparedImages:
     """The specs to plan, and the temporary files and helper processes they use."""
 
     def __init__(self, specs: list[ImageSpec], directory: str = "") -> None:
@@ -114,15 +114,17 @@ def _serve_snapshot(directory: str, spec: ImageSpec, name: str) -> tuple[str, in
 
 
 @contextlib.contextmanager
-def prepare_images(specs: Sequence[ImageSpec], needs: Sequence[Preparation]) -> Iterator[Prepared]:
+def prepare_images(
+    specs: Sequence[ImageSpec], needs: Sequence[ImageExtras]
+) -> Iterator[PreparedImages]:
     """Specs with overlays and snapshot servers in place; everything removed on exit."""
     if not any(n.overlay_size is not None or n.load_snapshot for n in needs):
-        yield Prepared(list(specs))
+        yield PreparedImages(list(specs))
         return
     with tempfile.TemporaryDirectory(
         prefix="fuse-disk-export-", ignore_cleanup_errors=True
     ) as directory:
-        result = Prepared([], directory)
+        result = PreparedImages([], directory)
         try:
             for spec, need in zip(specs, needs, strict=True):
                 if need.load_snapshot:

@@ -22,7 +22,7 @@ from fuse_disk_export.filesystems import DRIVERS, FS_TYPES
 from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
 from fuse_disk_export.options import Options
 from fuse_disk_export.partitions import PartitionTable
-from fuse_disk_export.prepare import Preparation
+from fuse_disk_export.prepare import ImageExtras
 from fuse_disk_export.table_reader import Disk
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def _secrets(options: Options, images: list[Resolved], ask: AskPassphrase | None
     return {SECRET_ID: passphrase}
 
 
-def _preparations(options: Options, images: list[Resolved]) -> list[Preparation]:
+def _preparations(options: Options, images: list[Resolved]) -> list[ImageExtras]:
     if not (options.snapshot or options.load_snapshot):
         return []
     needs = []
@@ -113,7 +113,7 @@ def _preparations(options: Options, images: list[Resolved]) -> list[Preparation]
                     f"{r.info.format} images",
                     path=r.spec.image,
                 )
-        needs.append(Preparation(overlay_size=size, load_snapshot=options.load_snapshot))
+        needs.append(ImageExtras(overlay_size=size, load_snapshot=options.load_snapshot))
     return needs
 
 

@@ -76,7 +76,7 @@ def process_start_time(pid: int) -> float | None:
     """When process ``pid`` started, computed as psutil's ``create_time`` does; None if gone.
 
     Read straight from /proc because this runs on the path to live, where importing psutil would
-    cost about 50 ms.
+    cost more than everything else this module does (docs/benchmarks.md).
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

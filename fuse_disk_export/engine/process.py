@@ -1,10 +1,9 @@
-"""Starting qemu-storage-daemon: cheap enough to do before asyncio and qemu.qmp are imported.
+"""Starting qemu-storage-daemon, without asyncio or qemu.qmp, and reading what it says.
 
-The daemon boots (a few milliseconds) while this process is still importing what it needs to talk
-to it, so the two costs overlap instead of adding up.  It starts with nothing but a QMP monitor on
-one end of a socketpair (connecting to a listening socket races at start-up), in a session of its
-own (a terminal's Ctrl-C reaches only us, and we revert in order) and with a parent-death signal
-(it never outlives us).
+It starts with the graph's options and then a QMP monitor on one end of a socketpair
+(connecting to a listening socket races at start-up), in a session of its own (a terminal's
+Ctrl-C reaches only us, and we revert in order) and with a parent-death signal (it never outlives
+us).  Its stderr is passed on as it comes, and its latest lines kept for error messages.
 """
 
 from __future__ import annotations
