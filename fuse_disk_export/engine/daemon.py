@@ -8,11 +8,10 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Sequence
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import QMPClient, QMPError
 
-from fuse_disk_export.engine.process import Spawned, StderrTap, qemu_error
+from fuse_disk_export.engine.process import Spawned, StderrTap
 from fuse_disk_export.errors import QemuError
 
 log = logging.getLogger(__name__)
@@ -54,15 +53,6 @@ class StorageDaemon:
     def pid(self) -> int:
         return self.process.pid
 
-    @property
-    def version(self) -> tuple[int, int, int]:
-        """QEMU's version, from the QMP greeting."""
-        greeting = self.qmp.greeting
-        qemu = greeting.QMP.version.get("qemu") if greeting is not None else None
-        if not isinstance(qemu, dict):
-            return (0, 0, 0)
-        return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
-
     @classmethod
     async def connect(cls, spawned: Spawned) -> StorageDaemon:
         """Connect QMP to a daemon started by `spawn`; it is ours from then on.
@@ -95,25 +85,6 @@ class StorageDaemon:
         await self._exited.wait()
         return self.process.wait()
 
-    async def execute(self, command: str, args: dict[str, object] | None = None) -> object:
-        """Run one QMP command.
-
-        :raise LockedError: QEMU could not take the image lock (another process has it open).
-        :raise QemuError: QEMU refused the command, or the daemon is gone.
-        """
-        try:
-            return await self.qmp.execute(command, args)
-        except ExecuteError as e:
-            raise qemu_error(str(e)) from e
-        except QMPError as e:
-            raise QemuError(f"qemu-storage-daemon stopped answering ({command}): {e}") from e
-
-    @contextlib.contextmanager
-    def listen(self, names: Sequence[str]) -> Iterator[EventListener]:
-        """Collect events named ``names`` for the duration of the block."""
-        with self.qmp.listener(names) as listener:
-            yield listener
-
     async def stop(self, timeout: float = 5.0) -> int:
         """Ask the daemon to quit (it flushes and closes every node), wait, and reap it."""
         if not self.exited:
@@ -126,11 +97,6 @@ class StorageDaemon:
             self.process.kill()
         await self.close()
         return self.process.wait()
-
-    def kill(self) -> None:
-        """SIGKILL the daemon, if it still runs.  Only ever our own child, by pid."""
-        if self.process.poll() is None:
-            self.process.kill()
 
     async def close(self) -> None:
         """Drop the QMP connection and the pidfd; the process is not touched."""
