@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import subprocess
 
 from qemu.qmp import QMPClient, QMPError
@@ -15,18 +14,6 @@ from fuse_disk_export.engine.process import Spawned, StderrTap
 from fuse_disk_export.errors import QemuError
 
 log = logging.getLogger(__name__)
-
-
-class _RedactSecrets(logging.Filter):
-    """Keep passphrases out of ``-v`` output and logs: mask the data of secret objects."""
-
-    _data = re.compile(r'("data":\s*)"(?:[^"\\]|\\.)*"')
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if '"secret"' in text and '"data"' in text:
-            record.msg, record.args = self._data.sub(r'\1"***"', text), None
-        return True
 
 
 class StorageDaemon:
@@ -60,7 +47,6 @@ class StorageDaemon:
         :raise QemuError: QMP could not be established (the daemon has been ended).
         """
         qmp = QMPClient("qemu-storage-daemon")
-        qmp.logger.addFilter(_RedactSecrets())
         try:
             await qmp.connect(spawned.qmp_socket)
         except QMPError as e:
