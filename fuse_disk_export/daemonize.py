@@ -17,6 +17,7 @@ The hand-over is a two-way one, so that it cannot go wrong at either end:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -117,7 +118,11 @@ def _read_report(sock: socket.socket, wake: socket.socket) -> dict[str, object] 
     data = b""
     while not data.endswith(b"\n"):
         if stopsignals.caught():
-            return None
+            # A report already sent stands (a "ready" with it: live, and it stays live).
+            data += _available(sock)
+            if not data.endswith(b"\n"):
+                return None
+            break
         readable, _, _ = select.select([sock, wake], [], [])
         if wake in readable:
             wake.recv(64)
@@ -145,6 +150,15 @@ def _read_report(sock: socket.socket, wake: socket.socket) -> dict[str, object] 
     return report
 
 
+def _available(sock: socket.socket) -> bytes:
+    """What the socket holds now, without waiting."""
+    data = b""
+    with contextlib.suppress(BlockingIOError, OSError):
+        while chunk := sock.recv(4096, socket.MSG_DONTWAIT):
+            data += chunk
+    return data
+
+
 def _cancel(sock: socket.socket, signame: str) -> None:
     """Tell the daemon to roll back and wait until it has (it closes its end by exiting)."""
     try:
@@ -165,21 +179,11 @@ def _wait_for_report(sock: socket.socket) -> tuple[int, list[str]]:
     try:
         report = _read_report(sock, wake_r)
         if report is None:
-            # A stop signal.  If "ready" came in the meantime, it is live and stays live.
-            sock.setblocking(False)
-            try:
-                late = sock.recv(4096, socket.MSG_PEEK)
-            except OSError:
-                late = b""
-            sock.setblocking(True)
-            if late.endswith(b"\n") and json.loads(late.splitlines()[0]).get("ready"):
-                report = json.loads(late.splitlines()[0])
-            else:
-                signame = stopsignals.first() or "SIGINT"
-                _cancel(sock, signame)
-                return 128 + int(signal.Signals[signame]), [
-                    f"interrupted by {signame} during setup; nothing was left mounted"
-                ]
+            signame = stopsignals.first() or "SIGINT"
+            _cancel(sock, signame)
+            return 128 + int(signal.Signals[signame]), [
+                f"interrupted by {signame} during setup; nothing was left mounted"
+            ]
         if report.get("ready"):
             try:
                 sock.sendall(b"ack\n")

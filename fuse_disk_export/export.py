@@ -90,7 +90,8 @@ def live(
         cleanup.callback(logging.getLogger().removeHandler, warnings)
         if register:
             cleanup.callback(state.unregister)
-        stopsignals.check()
+        if watch_signals:
+            stopsignals.check()
         since = time.time()
         if request.filesystem is not None:
             # Removed last: the export's file in it goes first.

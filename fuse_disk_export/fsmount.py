@@ -10,7 +10,6 @@ reverted.  A hostile filesystem is parsed by this unprivileged process, not by t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from fuse_disk_export import mounts
-from fuse_disk_export.engine.process import StderrTap, die_with_parent
+from fuse_disk_export.engine.process import StderrTap, start_child
 from fuse_disk_export.errors import FdeError, MountError, RequirementError
 from fuse_disk_export.filesystems import DRIVERS, Driver
 
@@ -162,26 +161,8 @@ def mounted(source: str, directory: str, fs: str, *, read_only: bool) -> Iterato
     """
     driver = DRIVERS[fs]
     program = find_driver(fs)
-    argv = _argv(program, driver, source, directory, read_only)
-    log.debug("starting %s", " ".join(argv))
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-    errors_r, errors_w = os.pipe()
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors_w,
-            start_new_session=True,
-            preexec_fn=lambda: die_with_parent(libc, parent),
-        )
-    except BaseException:
-        os.close(errors_r)
-        raise
-    finally:
-        os.close(errors_w)
-    here = Mounted(directory, fs, driver, process, StderrTap(errors_r, 2))
+    process, tap = start_child(_argv(program, driver, source, directory, read_only))
+    here = Mounted(directory, fs, driver, process, tap)
     try:
         _wait_mounted(directory, driver.program, process, here.stderr)
         here.stderr.release()

@@ -203,7 +203,6 @@ def _with_filesystem(
 ) -> tuple[list[Resolved], FsPlan]:
     """``--mount-fs``: the partition to export on a private file, and how to mount its
     filesystem."""
-    import shutil
     import tempfile
 
     from fuse_disk_export import fsmount
@@ -223,15 +222,11 @@ def _with_filesystem(
             path=r.spec.image,
         )
     fsmount.find_driver(fs)
+    table_slice = partition_slice(disk.table, number, r.spec.image) if number is not None else None
+    # The image is resolved already: only where it is exported changes, to a file of our own.
     private = tempfile.mkdtemp(prefix="fuse-disk-export-fs-")
-    try:
-        view = resolve(r.spec.image, _image_options(options), mountpoint=f"{private}/disk.raw")
-        if number is not None:
-            table_slice = partition_slice(disk.table, number, r.spec.image)
-            view = view._replace(spec=view.spec._replace(slice=table_slice))
-    except BaseException:
-        shutil.rmtree(private, ignore_errors=True)
-        raise
+    spec = r.spec._replace(mountpoint=os.path.join(private, "disk.raw"), slice=table_slice)
+    view = r._replace(spec=spec, creates_mountpoint=True)
     return [view], FsPlan(directory, fs, read_only, private)
 
 

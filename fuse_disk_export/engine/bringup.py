@@ -27,6 +27,7 @@ from typing import NamedTuple, Protocol
 from fuse_disk_export import mounts, stopsignals
 from fuse_disk_export.engine.graph import BlockGraph
 from fuse_disk_export.engine.process import Spawned, describe_exit, qemu_error, spawn
+from fuse_disk_export.engine.versions import QemuVersion
 from fuse_disk_export.errors import FdeError, Interrupted, QemuError, UsageError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 #: takes milliseconds), before a daemon that does not answer is killed: QEMU can hang in an open
 #: for good (7.2 and 10.0.2 did, opening a vmdk's extents with io_uring).
 SETUP_GRACE = 3.0
-
-QemuVersion = tuple[int, int, int]
 
 
 class Cancellable(Protocol):
@@ -211,10 +210,7 @@ def bring_up(
                 log.warning(
                     "qemu-storage-daemon (pid %d) does not answer; killing it", spawned.process.pid
                 )
-                spawned.process.kill()
-                spawned.abandon()
-                _detach_new(graph, before)
-                raise Interrupted(stopped or "SIGINT")
+                raise Interrupted(stopped or "SIGINT")  # killed and detached just below
     except BaseException:
         if spawned.process.poll() is None:
             spawned.process.kill()

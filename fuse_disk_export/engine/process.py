@@ -164,32 +164,46 @@ def spawn(
     :raise RequirementError: the binary is not installed.
     """
     path = find_binary(binary)
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    errors_r, errors_w = os.pipe()
     try:
         fd = theirs.fileno()
         argv = [path, *options, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("starting %s", " ".join(argv))
+        process, tap = start_child(argv, pass_fds=(fd, *pass_fds), stderr=stderr)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return Spawned(process, ours, tap)
+
+
+def start_child(
+    argv: Sequence[str], *, pass_fds: Sequence[int] = (), stderr: int = 2
+) -> tuple[subprocess.Popen[bytes], StderrTap]:
+    """Start ``argv`` as a child that never outlives us: in a session of its own (a terminal's
+    Ctrl-C reaches only us, and we stop it in order), with a parent-death signal, and its stderr
+    tapped (passed on to ``stderr``, its latest lines kept for errors)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("starting %s", " ".join(argv))
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+    errors_r, errors_w = os.pipe()
+    try:
         process = subprocess.Popen(
-            argv,
+            list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=errors_w,
-            pass_fds=(fd, *pass_fds),
+            pass_fds=tuple(pass_fds),
             start_new_session=True,
             preexec_fn=lambda: die_with_parent(libc, parent),
         )
     except BaseException:
-        ours.close()
         os.close(errors_r)
         raise
     finally:
-        theirs.close()
         os.close(errors_w)
-    return Spawned(process, ours, StderrTap(errors_r, stderr))
+    return process, StderrTap(errors_r, stderr)
 
 
 def qemu_error(message: str, *, path: str | None = None) -> QemuError:

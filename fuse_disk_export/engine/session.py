@@ -1,10 +1,10 @@
 """Serve a live graph until a stop signal or the daemon's death, then revert.
 
 `bringup` brings the graph up without asyncio; this module takes the live daemon over through
-qemu.qmp (which reads the greeting `bringup` left waiting) and is the one place that guarantees no
-mount is left behind: whatever happens, `Session.serve` ends by stopping the daemon (``quit``
-removes every export, then flushes and closes every node) and by checking /proc/self/mountinfo for
-every mount point of the graph.
+qemu.qmp (which reads the greeting `bringup` left waiting).  Whatever happens, `Session.serve` ends
+by unmounting a ``--mount-fs`` filesystem and stopping the daemon (``quit`` removes every export,
+then flushes and closes every node); `export.live`, around it, then checks /proc/self/mountinfo
+for every mount point of the graph (`bringup.terminate`).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class Session:
         )
 
     def _died(self, status: int) -> QemuError:
-        self._detach(self.mountpoints)
+        self._detach()
         return QemuError(
             f"qemu-storage-daemon (pid {self.up.spawned.process.pid}) {describe_exit(status)} "
             f"while serving; unmounted {', '.join(self.mountpoints)}"
@@ -136,23 +136,15 @@ class Session:
 
     async def _revert(self, daemon: StorageDaemon) -> None:
         """Unmount the filesystem on top first, then stop the daemon (it unmounts, flushes and
-        closes everything), then check the mounts."""
+        closes everything)."""
         if self.filesystem is not None:
             fsmount.unmount(self.filesystem)
-        try:
-            code = await daemon.stop()
-            log.debug("qemu-storage-daemon %s", describe_exit(code))
-        finally:
-            left = mounts.wait_unmounted(self.mountpoints, 0)
-            if left:
-                log.warning("a mount was left on %s; detaching it", ", ".join(left))
-                self._detach(left)
+        code = await daemon.stop()
+        log.debug("qemu-storage-daemon %s", describe_exit(code))
 
-    @staticmethod
-    def _detach(paths: list[str]) -> list[str]:
-        detached = []
-        for path in paths:
-            if mounts.mount_at(path) is not None:
+    def _detach(self) -> None:
+        """Detach the dead mounts a killed daemon left."""
+        table = mounts.read_mounts()
+        for path in self.mountpoints:
+            if mounts.mount_at(path, table) is not None:
                 mounts.lazy_unmount(path)
-                detached.append(path)
-        return detached
