@@ -90,6 +90,10 @@ def live(
         cleanup.callback(logging.getLogger().removeHandler, warnings)
         if register:
             cleanup.callback(state.unregister)
+        # Registered before the daemon's cleanup, so released after it: a pid file that is gone
+        # means everything is reverted (a script waits for exactly that).
+        pid_files: list[PidFile] = []
+        cleanup.callback(_release, pid_files)
         if watch_signals:
             stopsignals.check()
         since = time.time()
@@ -145,8 +149,7 @@ def live(
         if watch_signals:
             stopsignals.check()
         if request.pid_file:
-            pid_file = PidFile(request.pid_file)
-            cleanup.callback(pid_file.release)
+            pid_files.append(PidFile(request.pid_file))
             pidwatch.remove_pid_file_when_gone(request.pid_file)
         if register:
             state.register(
@@ -215,6 +218,11 @@ def serve(
         finally:
             notify.stopping()
     return 0
+
+
+def _release(pid_files: list[PidFile]) -> None:
+    for pid_file in pid_files:
+        pid_file.release()
 
 
 def _remove_quietly(path: str) -> None:

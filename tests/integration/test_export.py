@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers.checks import is_mounted
@@ -84,6 +85,25 @@ def test_daemonize_ready_when_parent_returns(fde: Runner, tmp_path: Path) -> Non
     assert not pid_file.exists()
     assert not is_mounted(img)
     assert image_format(img) == "qcow2"
+
+
+def test_pid_file_gone_means_reverted(fde: Runner, tmp_path: Path) -> None:
+    """A script waits for the pid file to go, not for a pid: by then everything is reverted,
+    even when the signal comes the moment the export is live (before the tool serves)."""
+    images = [make_qcow2(tmp_path / f"i{n}.qcow2", "64M") for n in range(16)]
+    pid_file = tmp_path / "fde.pid"
+    result = fde.run("-dp", str(pid_file), *map(str, images))
+    assert result.returncode == 0, result.stderr
+    pid = int(pid_file.read_text())
+    fde.track_pid(pid)
+    # Not the pid file's own watcher (pidwatch): it goes once the tool has gone.
+    daemons = [c.pid for c in psutil.Process(pid).children() if "fde-guard" not in c.cmdline()]
+    assert daemons
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: not pid_file.exists(), what="the pid file to be removed")
+    assert all(pid_gone(daemon) for daemon in daemons)
+    assert not any(is_mounted(img) for img in images)
+    assert {image_format(img) for img in images} == {"qcow2"}
 
 
 def test_daemonize_relative_paths(fde: Runner, tmp_path: Path) -> None:
