@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, cast
 
-from fuse_disk_export import __version__, stopsignals
+from fuse_disk_export import __version__, lazylog, stopsignals
 from fuse_disk_export.engine.graph import AllowOther, Backing
 from fuse_disk_export.errors import FdeError, UsageError
 from fuse_disk_export.options import (
@@ -41,13 +39,15 @@ examples:
 Images a guest could write to may be hostile: see the README's security note.
 """
 
-log = logging.getLogger("fuse_disk_export")
+log = lazylog.get("fuse_disk_export")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
     """--help on one screen: one line per option (``-p, --pid-file PATH``, choices ``a|b``)."""
 
     def __init__(self, prog: str) -> None:
+        import shutil  # only --help and usage errors format text
+
         width = min(100, shutil.get_terminal_size().columns) - 2
         super().__init__(prog, max_help_position=32, width=width)
 
@@ -211,24 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return f"{PROG}: {text}" if record.levelno >= logging.WARNING else text
-
-
 def _setup_logging(args: argparse.Namespace) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine("%(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    if args.verbose:
-        root.setLevel(logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    else:
-        root.setLevel(logging.ERROR if args.quiet else logging.WARNING)
-        # qemu.qmp logs its connection's failures itself; ours say what they mean for the user.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    """Messages to stderr; `logging` is loaded only for the first one (at once with -v)."""
+
+    def setup() -> None:
+        from fuse_disk_export import logs
+
+        logs.setup_terminal(verbose=args.verbose, quiet=args.quiet)
+
+    level = lazylog.DEBUG if args.verbose else lazylog.ERROR if args.quiet else lazylog.WARNING
+    lazylog.configure(level, setup, now=args.verbose)
 
 
 READY_LINE = "All exports set up, ^C to revert"
@@ -320,13 +312,23 @@ def _run(args: argparse.Namespace) -> int:
 
         exit_now(serve(request, on_live=ready))
 
-    from fuse_disk_export import logs
     from fuse_disk_export.daemonize import Reporter, run_detached
 
-    log_file = logs.open_log_file(args.log_file) if args.log_file else None
+    log_file = None
+    if args.log_file:
+        from fuse_disk_export import logs
+
+        log_file = logs.open_log_file(args.log_file)
 
     def work(reporter: Reporter) -> int:
-        logs.setup_daemon(log_file, verbose=args.verbose)
+        def setup() -> None:
+            from fuse_disk_export import logs
+
+            logs.setup_daemon(log_file, verbose=args.verbose)
+
+        # A daemon logs from INFO up (what it did, to syslog or --log-file); `logging` is
+        # loaded for the first message, which normally comes once the exports are live.
+        lazylog.configure(lazylog.DEBUG if args.verbose else lazylog.INFO, setup, now=args.verbose)
         try:
             return serve(request, on_live=reporter.ready, cancel=reporter)
         except FdeError as e:
@@ -355,7 +357,7 @@ def _manage(args: argparse.Namespace) -> int:
 def exit_now(status: int) -> NoReturn:
     """Exit without tearing the interpreter down (which the shell would wait for): everything
     is reverted and reported by now."""
-    logging.shutdown()
+    lazylog.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -8,14 +8,12 @@ outside world — the pid file, the runtime registry, systemd — and reports li
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import fsmount, notify, pidwatch, state, stopsignals
+from fuse_disk_export import fsmount, lazylog, notify, pidwatch, state, stopsignals
 from fuse_disk_export.engine import qemuversion, versions, writeguard
 from fuse_disk_export.engine.bringup import Cancellable, Up, bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
@@ -26,7 +24,7 @@ from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
 from fuse_disk_export.prepare import ImageExtras, prepare_images
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 
 class ExportRequest(NamedTuple):
@@ -85,9 +83,8 @@ def live(
     """
     with contextlib.ExitStack() as cleanup:
         # Warnings of the setup reach a -d user through the waiting parent, and --list.
-        warnings = _Warnings()
-        logging.getLogger().addHandler(warnings)
-        cleanup.callback(logging.getLogger().removeHandler, warnings)
+        warnings = lazylog.start_collecting()
+        cleanup.callback(lazylog.stop_collecting, warnings)
         if register:
             cleanup.callback(state.unregister)
         # Registered before the daemon's cleanup, so released after it: a pid file that is gone
@@ -99,7 +96,7 @@ def live(
         since = time.time()
         if request.filesystem is not None:
             # Removed last: the export's file in it goes first.
-            cleanup.callback(shutil.rmtree, request.filesystem.private_dir, ignore_errors=True)
+            cleanup.callback(_remove_tree, request.filesystem.private_dir)
         for r in request.images:
             if r.creates_mountpoint:
                 _create_mountpoint(r.spec.mountpoint)
@@ -118,7 +115,7 @@ def live(
         hole_guard = version is None or versions.punch_hole_may_keep_data(version)
         tuning = request.tuning._replace(hole_guard=hole_guard)
         graph = plan(prepared.specs, tuning, files)
-        if log.isEnabledFor(logging.DEBUG):
+        if log.isEnabledFor(lazylog.DEBUG):
             for line in graph.describe():
                 log.debug("plan: %s", line)
         try:
@@ -163,7 +160,7 @@ def live(
                         pid=os.getpid(),
                         daemon_pid=up.spawned.process.pid,
                         since=since,
-                        warnings=tuple(warnings.about(r.spec.mountpoint, r.spec.image)),
+                        warnings=_about(warnings, r.spec.mountpoint, r.spec.image),
                         fs_dir=mounted.directory if mounted else None,
                         fs_type=mounted.fs if mounted else None,
                         fs_driver=mounted.driver.program if mounted else None,
@@ -171,8 +168,8 @@ def live(
                     for r in request.images
                 ]
             )
-        logging.getLogger().removeHandler(warnings)
-        yield Live(up, graph, warnings.messages, mounted)
+        lazylog.stop_collecting(warnings)
+        yield Live(up, graph, warnings, mounted)
 
 
 def serve(
@@ -205,6 +202,7 @@ def serve(
             # asyncio and qemu.qmp serve from here on.  A stop signal while they load cuts the
             # loading short; the daemon is then stopped without them, on leaving `live`.
             with stopsignals.interruptible():
+                lazylog.load()  # qemu.qmp logs through logging itself: its level set first
                 import asyncio
 
                 from fuse_disk_export.engine.session import Session
@@ -225,23 +223,19 @@ def _release(pid_files: list[PidFile]) -> None:
         pid_file.release()
 
 
+def _remove_tree(path: str) -> None:
+    import shutil  # --mount-fs only
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
 
 
-class _Warnings(logging.Handler):
-    """The warnings logged while an invocation is set up."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def about(self, *paths: str) -> list[str]:
-        return [m for m in self.messages if any(p in m for p in paths)]
+def _about(warnings: Sequence[str], *paths: str) -> tuple[str, ...]:
+    return tuple(m for m in warnings if any(p in m for p in paths))
 
 
 def _create_mountpoint(path: str) -> None:

@@ -1,16 +1,15 @@
-"""Where a ``-d`` daemon's messages go: ``--log-file``, else syslog, else nowhere.
-
-In the foreground, messages go to stderr (set up by the command line).  A daemon has no terminal:
-it logs to the file named with ``--log-file`` (opened before detaching, so a bad path is reported
-where the user is looking, and preserved across python-daemon's closing of file descriptors; it
-also receives qemu-storage-daemon's own messages, as the daemon's stderr), else to syslog through
-/dev/log when that exists.  Imported only on the ``-d`` path.
+"""Where messages go: stderr in the foreground; for a ``-d`` daemon, which has no terminal, the
+file named with ``--log-file`` (opened before detaching, so that a bad path is reported where the
+user is looking, and kept across python-daemon's closing of file descriptors; it also receives
+qemu-storage-daemon's own messages, as the daemon's stderr), else syslog through /dev/log when
+that exists.  Loaded with `logging`, for the first message that goes anywhere (see `lazylog`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import IO
 
 from fuse_disk_export.errors import UsageError
@@ -51,6 +50,29 @@ def daemon_handler(log_file: IO[str] | None, *, syslog: str = SYSLOG_SOCKET) -> 
         syslog_handler.ident = f"{IDENT}[{os.getpid()}]: "
         return syslog_handler
     return logging.NullHandler()
+
+
+class _OneLine(logging.Formatter):
+    """Warnings and errors as the tool's own lines (``fuse-disk-export: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{IDENT}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def setup_terminal(*, verbose: bool, quiet: bool) -> None:
+    """Every message of a foreground run (and a -d run before it detaches) to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    if verbose:
+        root.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    else:
+        root.setLevel(logging.ERROR if quiet else logging.WARNING)
+        # qemu.qmp logs its connection's failures itself; ours say what they mean for the user.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def setup_daemon(log_file: IO[str] | None, *, verbose: bool = False) -> None:

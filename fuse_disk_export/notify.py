@@ -8,11 +8,12 @@ function here does nothing.  Standard library only: this is on the path to live.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
-log = logging.getLogger(__name__)
+from fuse_disk_export import lazylog
+
+log = lazylog.get(__name__)
 
 
 def _address() -> str | None:

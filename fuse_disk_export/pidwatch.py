@@ -11,11 +11,12 @@ gone and the watcher just exits.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 
-log = logging.getLogger(__name__)
+from fuse_disk_export import lazylog
+
+log = lazylog.get(__name__)
 
 _WATCH = 'read -r _ || :; [ "$(cat -- "$2" 2>/dev/null)" = "$1" ] && rm -f -- "$2"; exit 0'
 

@@ -10,19 +10,18 @@ leaves it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+from fuse_disk_export import lazylog
 from fuse_disk_export.engine.graph import ImageSpec
+from fuse_disk_export.engine.process import which
 from fuse_disk_export.errors import ImageError, RequirementError
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 
 class ImageExtras(NamedTuple):
@@ -53,13 +52,15 @@ class PreparedImages:
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
+    path = which(name)
     if path is None:
         raise RequirementError(f"{name} not found (Debian package qemu-utils)")
     return path
 
 
 def _create_overlay(directory: str, spec: ImageSpec, size: int) -> str:
+    import tempfile  # only -s and -l pay for it
+
     fd, path = tempfile.mkstemp(prefix="overlay-", suffix=".qcow2", dir=directory)
     os.close(fd)
     result = subprocess.run(
@@ -121,6 +122,8 @@ def prepare_images(
     if not any(n.overlay_size is not None or n.load_snapshot for n in needs):
         yield PreparedImages(list(specs))
         return
+    import tempfile
+
     with tempfile.TemporaryDirectory(
         prefix="fuse-disk-export-", ignore_cleanup_errors=True
     ) as directory:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import signal
@@ -24,13 +23,13 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple, Protocol
 
-from fuse_disk_export import mounts, stopsignals
+from fuse_disk_export import lazylog, mounts, stopsignals
 from fuse_disk_export.engine.graph import BlockGraph
 from fuse_disk_export.engine.process import Spawned, describe_exit, qemu_error, spawn
 from fuse_disk_export.engine.versions import QemuVersion
 from fuse_disk_export.errors import FdeError, Interrupted, QemuError, UsageError
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 #: How long a stop signal during setup waits for the daemon to finish what it is creating (it
 #: takes milliseconds), before a daemon that does not answer is killed: QEMU can hang in an open

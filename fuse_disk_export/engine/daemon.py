@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import subprocess
 
 from qemu.qmp import QMPClient, QMPError
 
+from fuse_disk_export import lazylog
 from fuse_disk_export.engine.process import Spawned, StderrTap
 from fuse_disk_export.errors import QemuError
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 
 class StorageDaemon:

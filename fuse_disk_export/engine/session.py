@@ -10,12 +10,11 @@ for every mount point of the graph (`bringup.terminate`).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 from collections.abc import Callable
 
-from fuse_disk_export import fsmount, mounts, stopsignals
+from fuse_disk_export import fsmount, lazylog, mounts, stopsignals
 from fuse_disk_export.engine.bringup import Up
 from fuse_disk_export.engine.daemon import StorageDaemon
 from fuse_disk_export.engine.graph import BlockGraph
@@ -23,7 +22,7 @@ from fuse_disk_export.engine.process import describe_exit
 from fuse_disk_export.errors import QemuError
 from fuse_disk_export.fsmount import FsError, Mounted
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 
 class Session:

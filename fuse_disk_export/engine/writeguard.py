@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 
-from fuse_disk_export import mounts
+from fuse_disk_export import lazylog, mounts
 from fuse_disk_export.engine import versions
 from fuse_disk_export.engine.graph import BlockGraph
 
-log = logging.getLogger(__name__)
+log = lazylog.get(__name__)
 
 
 def _arm(mountpoint: str) -> bool:

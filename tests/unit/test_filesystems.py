@@ -85,7 +85,7 @@ def test_mutated_superblocks_are_safe(at: int, patch: bytes) -> None:
 
 
 def test_a_missing_driver_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fsmount.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fsmount, "which", lambda name: None)
     with pytest.raises(RequirementError, match=r"fuse2fs not found.*Debian package fuse2fs"):
         fsmount.find_driver("ext")
     with pytest.raises(RequirementError, match="Debian package ntfs-3g"):
