@@ -46,10 +46,9 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     """--help on one screen: one line per option (``-p, --pid-file PATH``, choices ``a|b``)."""
 
     def __init__(self, prog: str) -> None:
-        import shutil  # only --help and usage errors format text
-
-        width = min(100, shutil.get_terminal_size().columns) - 2
-        super().__init__(prog, max_help_position=32, width=width)
+        # argparse makes a formatter for every option it adds: no shutil.get_terminal_size (the
+        # import of shutil costs more than the parsing).
+        super().__init__(prog, max_help_position=32, width=min(100, _columns()) - 2)
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if not action.option_strings or action.nargs == 0:
@@ -60,6 +59,20 @@ class _Help(argparse.RawDescriptionHelpFormatter):
             metavar = str(action.metavar or action.dest.upper())
         dots = " ..." if action.nargs == "+" else ""
         return f"{', '.join(action.option_strings)} {metavar}{dots}"
+
+
+def _columns() -> int:
+    """The terminal's width, as `shutil.get_terminal_size` finds it."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
 
 
 def build_parser() -> argparse.ArgumentParser:

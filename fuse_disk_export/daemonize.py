@@ -1,8 +1,9 @@
 """Detach into the background, but release the invoking process only once the exports are live.
 
-python-daemon's detach makes the calling process exit at once, which would tell a script "ready"
-before anything is mounted.  So we fork first: the invoking process waits on a socketpair, and the
-detached daemon reports on it — ready, or the error that stopped it.
+The invoking process must not return (tell a script "ready") before anything is mounted.  So it
+forks the daemon, which takes a session of its own and lets python-daemon do the rest (working
+directory, umask, standard streams, closing descriptors), and waits on a socketpair for the
+daemon's report: ready, or the error that stopped it.
 
 The hand-over is a two-way one, so that it cannot go wrong at either end:
 
@@ -216,8 +217,6 @@ def run_detached(work: Callable[[Reporter], int], *, log_stream: IO[str] | None 
             status, lines = _wait_for_report(ours)
         finally:
             ours.close()
-            # The intermediate child exits as soon as python-daemon has detached the grandchild.
-            os.waitpid(child, 0)
         for line in lines:
             print(f"{PROG}: {line}", file=sys.stderr)
         return status
@@ -226,11 +225,16 @@ def run_detached(work: Callable[[Reporter], int], *, log_stream: IO[str] | None 
     status = 1
     reporter = Reporter(theirs)
     try:
+        # A session of our own, which has no controlling terminal.  python-daemon's detach would
+        # fork twice more (milliseconds) so that the daemon is not a session leader, which could
+        # acquire a terminal by opening one: this process opens none.  Its parent, the invoking
+        # process, exits once it has the report, and init adopts it.
+        os.setsid()
         devnull = open(os.devnull, "r+")  # noqa: SIM115 - lives as long as the daemon
         context = daemon.DaemonContext(
             working_directory="/",
             umask=0o022,
-            detach_process=True,
+            detach_process=False,
             files_preserve=[theirs] + ([log_stream] if log_stream else []),
             stdin=devnull,
             stdout=devnull,
