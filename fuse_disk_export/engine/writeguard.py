@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from fuse_disk_export import lazylog, mounts
 from fuse_disk_export.engine import versions
-from fuse_disk_export.engine.graph import BlockGraph
+from fuse_disk_export.engine.graph import BlockGraph, ExportPlan
 
 log = lazylog.get(__name__)
 
@@ -14,8 +15,13 @@ log = lazylog.get(__name__)
 def _arm(mountpoint: str) -> bool:
     # One read through the export fires the event that arms the guard's filter (graph.py).
     try:
-        with open(mountpoint, "rb", buffering=0) as f:
-            f.read(512)
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # One page, no readahead: a FUSE round trip as short as it gets.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            os.read(fd, 512)
+        finally:
+            os.close(fd)
     except OSError as e:
         log.debug("%s: cannot arm the punched-hole guard: %s", mountpoint, e.strerror)
         return False
@@ -23,25 +29,33 @@ def _arm(mountpoint: str) -> bool:
     return True
 
 
-def _arm_all(mountpoints: list[str], workers: int = 8) -> list[str]:
-    """Arm every guard; return the mount points that could not be armed.  Each read is a FUSE
-    round trip: with many exports, several run at once."""
-    failed: list[str] = []
+class _Arming:
+    """Every guard being armed: each read is a FUSE round trip, so with many exports several run
+    at once, in threads, while the caller does other work."""
 
-    def arm(share: list[str]) -> None:
-        failed.extend(m for m in share if not _arm(m))
+    def __init__(self, mountpoints: list[str], workers: int = 8) -> None:
+        self.failed: list[str] = []
+        self._pending = mountpoints
+        self._threads: list[threading.Thread] = []
+        if len(mountpoints) > 2:
+            self._pending = []
+            self._threads = [
+                threading.Thread(target=self._arm, args=(mountpoints[i::workers],))
+                for i in range(workers)
+            ]
+            for thread in self._threads:
+                thread.start()
 
-    if len(mountpoints) <= 2:
-        arm(mountpoints)
-        return failed
-    threads = [
-        threading.Thread(target=arm, args=(mountpoints[i::workers],)) for i in range(workers)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return failed
+    def _arm(self, share: list[str]) -> None:
+        failed = [m for m in share if not _arm(m)]
+        self.failed.extend(failed)
+
+    def wait(self) -> set[str]:
+        """The mount points that could not be armed."""
+        self._arm(self._pending)
+        for thread in self._threads:
+            thread.join()
+        return set(self.failed)
 
 
 def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
@@ -50,7 +64,11 @@ def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
     writable = [e for e in graph.exports if e.writable]
     if not writable:
         return
-    unarmed = set(_arm_all([e.mountpoint for e in writable if e.hole_guard]))
+    arming = _Arming([e.mountpoint for e in writable if e.hole_guard])
+    try:
+        _serialize(graph, writable, version)
+    finally:
+        unarmed = arming.wait()
     if versions.punch_hole_may_keep_data(version):
         for export in writable:
             if export.hole_guard and export.mountpoint not in unarmed:
@@ -63,6 +81,11 @@ def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
                 export.mountpoint,
                 versions.describe(version),
             )
+
+
+def _serialize(
+    graph: BlockGraph, writable: list[ExportPlan], version: versions.QemuVersion
+) -> None:
     if not versions.needs_write_guard(version):
         return
     if not graph.write_guard:
