@@ -5,26 +5,37 @@ QEMU (graph does) and nothing about processes (bringup and session do): it wires
 outside world — the pid file, the runtime registry, systemd — and reports live through a callback.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import fsmount, lazylog, notify, pidwatch, state, stopsignals
+from fuse_disk_export import lazylog, notify, pidwatch, state, stopsignals
 from fuse_disk_export.engine import qemuversion, versions, writeguard
 from fuse_disk_export.engine.bringup import Cancellable, Up, bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
 from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import MountError, QemuError
-from fuse_disk_export.fsmount import Mounted
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.pidfile import PidFile
 from fuse_disk_export.prepare import ImageExtras, prepare_images
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fuse_disk_export.fsmount import Mounted
+
 log = lazylog.get(__name__)
+
+
+class FsPlan(NamedTuple):
+    """Where and how ``--mount-fs`` mounts the filesystem of the export."""
+
+    directory: str
+    fs: str
+    read_only: bool
+    #: The private folder of the export's file, removed on revert.
+    private_dir: str
 
 
 class ExportRequest(NamedTuple):
@@ -41,16 +52,6 @@ class ExportRequest(NamedTuple):
     filesystem: FsPlan | None = None
 
 
-class FsPlan(NamedTuple):
-    """Where and how ``--mount-fs`` mounts the filesystem of the export."""
-
-    directory: str
-    fs: str
-    read_only: bool
-    #: The private folder of the export's file, removed on revert.
-    private_dir: str
-
-
 class Live(NamedTuple):
     """An invocation's exports, all mounted: the daemon, its graph, the setup's warnings, and
     the filesystem driver of ``--mount-fs``."""
@@ -58,7 +59,7 @@ class Live(NamedTuple):
     up: Up
     graph: BlockGraph
     warnings: list[str]
-    filesystem: Mounted | None = None
+    filesystem: "Mounted | None" = None
 
 
 @contextlib.contextmanager
@@ -133,6 +134,8 @@ def live(
         writeguard.protect(graph, up.version)
         mounted = None
         if request.filesystem is not None:
+            from fuse_disk_export import fsmount  # --mount-fs only
+
             plan_fs = request.filesystem
             # Entered after the daemon's cleanup: unmounted before the export goes.
             mounted = cleanup.enter_context(

@@ -5,8 +5,6 @@ only compared against magic numbers at fixed places, with the few fields a drive
 checked for sanity, so that a mount is attempted only with the driver made for that filesystem.
 """
 
-from __future__ import annotations
-
 import struct
 from collections.abc import Callable
 from typing import NamedTuple

@@ -7,8 +7,6 @@ flushes, closes and exits) and the driver's exit is awaited before the export un
 reverted.  A hostile filesystem is parsed by this unprivileged process, not by the kernel.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import select

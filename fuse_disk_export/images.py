@@ -5,8 +5,6 @@ dead mount fails every stat), resolved, probed, and its backing chain walked und
 policy, so that QEMU only ever opens files we have looked at, named by absolute path.
 """
 
-from __future__ import annotations
-
 import os
 import stat
 from collections.abc import Sequence

@@ -4,8 +4,6 @@ A path that is exported already reads as raw, and stat() on a dead FUSE mount fa
 so every decision about a path is taken from mountinfo before the path itself is touched.
 """
 
-from __future__ import annotations
-
 import contextlib
 import ctypes
 import errno

@@ -5,8 +5,6 @@ builds one from keyword arguments.  Everything below takes this object, and `che
 place where combinations of options are refused.
 """
 
-from __future__ import annotations
-
 from typing import Literal, NamedTuple
 
 from fuse_disk_export.engine.graph import AllowOther, Backing

@@ -7,8 +7,6 @@ whatever happens — the overlay is unlinked as soon as QEMU holds it open, so n
 leaves it.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import signal

@@ -17,7 +17,6 @@ from fuse_disk_export import options as opts
 from fuse_disk_export.engine.graph import Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
 from fuse_disk_export.export import ExportRequest, FsPlan
-from fuse_disk_export.filesystems import DRIVERS, FS_TYPES
 from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
 from fuse_disk_export.options import Options
 from fuse_disk_export.prepare import ImageExtras
@@ -166,6 +165,8 @@ def _describe(disk: Disk) -> str:
 
 
 def _choose(options: Options, image: str, disk: Disk) -> tuple[int | None, str]:
+    from fuse_disk_export.filesystems import DRIVERS, FS_TYPES
+
     """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts."""
     forced = FS_TYPES[options.fs_type] if options.fs_type else None
     if options.partition is not None:
@@ -208,6 +209,7 @@ def _with_filesystem(
     import tempfile
 
     from fuse_disk_export import fsmount
+    from fuse_disk_export.filesystems import DRIVERS
     from fuse_disk_export.table_reader import partition_slice, read_disks
 
     assert options.mount_fs is not None

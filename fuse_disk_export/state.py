@@ -8,8 +8,6 @@ removed when read.  Writing is on the path to live and uses the standard library
 checks processes with psutil, imported there.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

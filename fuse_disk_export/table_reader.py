@@ -6,8 +6,6 @@ table with our own bounded parser, then reverted — the same engine as a real e
 of the user's ever mounted over.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import tempfile

@@ -11,8 +11,6 @@ If an option fails, the daemon prints why and exits 1, leaving as dead mounts th
 already mounted: those are detached, and the error names the image the failed option was for.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

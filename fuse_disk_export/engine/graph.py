@@ -9,8 +9,6 @@ syntax or as a ``protocol:`` prefix; a secret travels as a ``/dev/fd/N`` to read
 text on a command line.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence

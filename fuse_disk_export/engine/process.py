@@ -6,8 +6,6 @@ Ctrl-C reaches only us, and we revert in order) and with a parent-death signal (
 us).  Its stderr is passed on as it comes, and its latest lines kept for error messages.
 """
 
-from __future__ import annotations
-
 import collections
 import contextlib
 import ctypes

@@ -1,7 +1,5 @@
 """What every format parser shares: the answer it gives, the source it reads, its common errors."""
 
-from __future__ import annotations
-
 import os
 from typing import Final, NamedTuple
 

@@ -1,7 +1,5 @@
 """qcow2 (QEMU's block/qcow2.c): the header, its extensions, its backing name, its tables."""
 
-from __future__ import annotations
-
 import struct
 from typing import Final, NamedTuple
 
