@@ -17,6 +17,11 @@ COLUMNS = [
     ("raw", "raw", "the raw file itself (the limit)"),
     ("fde", "fde", "fuse-disk-export -dp, its defaults (writeback, aio threads, write guard)"),
     ("qsd", "qsd", "qemu-storage-daemon --export type=fuse written by hand, default options"),
+    (
+        "qsd-safe",
+        "qsd safe",
+        "qsd by hand, as safe: fuse-disk-export's graph and guard (start-up rows only)",
+    ),
     ("nbdfuse", "nbdfuse", "qemu-nbd + nbdfuse"),
     ("fde-io_uring", "f uring", "fuse-disk-export --aio io_uring"),
     ("fde-ro", "f -r", "fuse-disk-export -r (read-only: io_uring by default)"),
@@ -44,6 +49,7 @@ def baseline(key: str) -> str:
     return "fde" if key.startswith("fde") else "qsd"
 
 
+START_KINDS = ("fde", "qsd", "qsd-safe")
 START_ROWS = [
     ("live_ms", "start to live, {n} image{s} (ms)"),
     ("clean_ms", "SIGINT to unmounted + pid file gone, {n} image{s} (ms)"),
@@ -93,9 +99,7 @@ def table_rows(results: Results, summary: Results) -> tuple[list[str], list[list
     io = results.get("io") or {}
     started = bool(summary.get("startup"))
     present = [
-        c
-        for c in COLUMNS
-        if c[0] in (io.get("targets") or {}) or (started and c[0] in ("fde", "qsd"))
+        c for c in COLUMNS if c[0] in (io.get("targets") or {}) or (started and c[0] in START_KINDS)
     ]
     headers = ["measurement", *(c[1] for c in present)]
     rows: list[list[str]] = []
@@ -113,7 +117,7 @@ def table_rows(results: Results, summary: Results) -> tuple[list[str], list[list
                 [
                     label,
                     *(
-                        _fmt(kinds.get(k, {}).get(field)) if k in ("fde", "qsd") else ""
+                        _fmt(kinds.get(k, {}).get(field)) if k in START_KINDS else ""
                         for k, _, _ in present
                     ),
                 ]
@@ -127,7 +131,7 @@ def table_rows(results: Results, summary: Results) -> tuple[list[str], list[list
                 label,
                 *(
                     _fmt((kinds.get(k, {}).get("rss_kib") or 0) / 1024 or None)
-                    if k in ("fde", "qsd")
+                    if k in START_KINDS
                     else ""
                     for k, _, _ in present
                 ),
@@ -168,6 +172,8 @@ def render_markdown(headers: list[str], rows: list[list[str]]) -> str:
 
 def legend(results: Results) -> str:
     present = set((results.get("io") or {}).get("targets") or {}) | {"fde", "qsd"}
+    if results.get("startup"):
+        present |= set(START_KINDS)
     return "\n".join(f"  {short:>10}: {text}" for key, short, text in COLUMNS if key in present)
 
 
@@ -259,6 +265,9 @@ def chart(results: Results, summary: Results, path: str) -> None:
                 "fuse-disk-export -dp": [start[n]["fde"].get("live_ms") for n in counts],
                 "qemu-storage-daemon --daemonize (by hand)": [
                     start[n]["qsd"].get("live_ms") for n in counts
+                ],
+                "by hand, as safe (same graph, guard applied)": [
+                    start[n].get("qsd-safe", {}).get("live_ms") for n in counts
                 ],
             },
             [f"{n} image(s)" for n in counts],

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 
 from benchmarks.context import Ctx, median
 from benchmarks.proc import BenchError, exited, run, wait_all
-from benchmarks.targets import start_fde, start_qsd, stop
+from benchmarks.targets import start_fde, start_qsd, start_qsd_safe, stop
 
 COUNTS = (1, 8, 32, 128)
+#: fuse-disk-export; qemu-storage-daemon by hand with QEMU's defaults; and by hand but as safe.
+KINDS = ("fde", "qsd", "qsd-safe")
 SMALL_IMAGE = str(64 << 20)
 
 
@@ -37,10 +39,12 @@ def make_images(ctx: Ctx, count: int) -> list[str]:
 
 
 def _cycle(ctx: Ctx, kind: str, images: Sequence[str]) -> dict[str, float]:
-    """Bring ``images`` up with ``kind`` ("fde" or "qsd"), read peak RSS, SIGINT, time the stop."""
+    """Bring ``images`` up with ``kind`` (one of `KINDS`), read peak RSS, SIGINT, time the stop."""
     pid_file = ctx.path("run", f"{kind}-start.pid")
     if kind == "fde":
         live = start_fde(ctx, images, pid_file)
+    elif kind == "qsd-safe":
+        live = start_qsd_safe(ctx, images, pid_file)
     else:
         live = start_qsd(ctx, [(i, i) for i in images], pid_file)
     try:
@@ -73,14 +77,15 @@ def bench_start_stop(ctx: Ctx) -> dict[str, object]:
     run([*ctx.tool, "--version"], env=ctx.env, cwd=ctx.work)
     _cycle(ctx, "fde", images[counts[0]])
     _cycle(ctx, "qsd", images[counts[0]])
+    _cycle(ctx, "qsd-safe", images[counts[0]])
     rows: dict[str, dict[str, dict[str, list[float]]]] = {}
     for n in counts:
-        rows[str(n)] = {"fde": {}, "qsd": {}}
+        rows[str(n)] = {kind: {} for kind in KINDS}
         reps = _reps(ctx, n)
         ctx.log(f"start/stop: {n} image(s) x {reps}")
         for rep in range(reps):
-            # Alternate which goes first, so neither always follows the other.
-            order = ("fde", "qsd") if rep % 2 == 0 else ("qsd", "fde")
+            # Rotate which goes first, so that none always follows another.
+            order = KINDS[rep % 3 :] + KINDS[: rep % 3]
             for kind in order:
                 for key, value in _cycle(ctx, kind, images[n]).items():
                     rows[str(n)][kind].setdefault(key, []).append(value)

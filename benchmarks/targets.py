@@ -188,6 +188,42 @@ def start_qsd(
     return Live(main, [], paths, pid_file, live_s)
 
 
+def start_qsd_safe(ctx: Ctx, images: Sequence[str], pid_file: str) -> Live:
+    """By hand, but just as safe as fuse-disk-export: the graph it gives qemu-storage-daemon
+    (on QEMU before 8.0, the punched-hole guard's two nodes per image) on the command line, with
+    ``--daemonize``; then, as a careful user must, the guard applied (a read through every export
+    arms it, and max_background=1 on every FUSE connection), which counts towards live."""
+    from fuse_disk_export import cli
+    from fuse_disk_export.engine import qemuversion, versions, writeguard
+    from fuse_disk_export.engine.graph import plan
+    from fuse_disk_export.engine.process import find_binary
+    from fuse_disk_export.request import build_request
+
+    binary = find_binary()
+    version = qemuversion.of(binary)
+    options = cli.options_from(cli.build_parser().parse_args(list(images)))
+    request = build_request(options, ask_passphrase=None)
+    tuning = request.tuning._replace(
+        hole_guard=version is None or versions.punch_hole_may_keep_data(version)
+    )
+    graph = plan([r.spec for r in request.images], tuning)
+    ctx.janitor.mounts.update(images)
+    t0 = time.monotonic()
+    invoking = ctx.janitor.spawn(
+        [binary, *graph.command_line(), "--daemonize", "--pidfile", pid_file],
+        "qemu-storage-daemon --daemonize (as safe)",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ctx.work,
+    )
+    _communicate(ctx, invoking, "qemu-storage-daemon --daemonize (as safe)")
+    writeguard.protect(graph, version or (0, 0, 0))
+    live_s = time.monotonic() - t0
+    main = ctx.janitor.adopt(read_pid_file(pid_file), "qemu-storage-daemon")
+    _check_live(list(images), "qemu-storage-daemon --daemonize (as safe)")
+    return Live(main, [], list(images), pid_file, live_s)
+
+
 def stop(ctx: Ctx, live: Live, sig: int = signal.SIGINT) -> dict[str, float]:
     """Signal the serving process; return seconds from the signal to each of: its exit, each
     child's exit, the paths leaving mountinfo, the pid file's removal."""
