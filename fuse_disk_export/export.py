@@ -6,24 +6,25 @@ outside world — the pid file, the runtime registry, systemd — and reports li
 """
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import lazylog, notify, pidwatch, state, stopsignals
-from fuse_disk_export.engine import qemuversion, versions, writeguard
+from fuse_disk_export import lazylog, notify, state, stopsignals
+from fuse_disk_export.engine import qemuversion, versions
 from fuse_disk_export.engine.bringup import Cancellable, Up, bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
 from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import MountError, QemuError
 from fuse_disk_export.images import Resolved
-from fuse_disk_export.pidfile import PidFile
 from fuse_disk_export.prepare import ImageExtras, prepare_images
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from fuse_disk_export.fsmount import Mounted
+    from fuse_disk_export.pidfile import PidFile
 
 log = lazylog.get(__name__)
 
@@ -119,8 +120,11 @@ def live(
         if log.isEnabledFor(lazylog.DEBUG):
             for line in graph.describe():
                 log.debug("plan: %s", line)
+        meanwhile = functools.partial(_while_the_daemon_starts, request.pid_file)
         try:
-            up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
+            up = bring_up(
+                graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals, meanwhile=meanwhile
+            )
         except QemuError as e:
             if not (graph.default_io_uring and "io_uring" in e.reason):
                 raise
@@ -129,6 +133,10 @@ def live(
             graph = plan(prepared.specs, tuning._replace(io_uring=False), files)
             up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
         cleanup.callback(terminate, up, graph)
+        # Loaded while the daemon started (`_while_the_daemon_starts`).
+        from fuse_disk_export import pidfile
+        from fuse_disk_export.engine import writeguard
+
         qemuversion.remember(binary, up.version)
         prepared.forget_overlays()
         writeguard.protect(graph, up.version)
@@ -149,8 +157,7 @@ def live(
         if watch_signals:
             stopsignals.check()
         if request.pid_file:
-            pid_files.append(PidFile(request.pid_file))
-            pidwatch.remove_pid_file_when_gone(request.pid_file)
+            pid_files.append(pidfile.PidFile(request.pid_file))
         if register:
             state.register(
                 [
@@ -221,7 +228,18 @@ def serve(
     return 0
 
 
-def _release(pid_files: list[PidFile]) -> None:
+def _while_the_daemon_starts(pid_file: str | None) -> None:
+    """What needs no export, done while qemu-storage-daemon brings them up (which takes longer):
+    load what only the rest of the setup uses, and start the pid file's watcher (`pidwatch`: it
+    removes only a file that names us, so it may well start before there is one)."""
+    from fuse_disk_export import pidfile, pidwatch  # noqa: F401
+    from fuse_disk_export.engine import writeguard  # noqa: F401
+
+    if pid_file:
+        pidwatch.remove_pid_file_when_gone(pid_file)
+
+
+def _release(pid_files: "list[PidFile]") -> None:
     for pid_file in pid_files:
         pid_file.release()
 
