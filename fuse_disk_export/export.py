@@ -206,13 +206,14 @@ def serve(
             if now.filesystem
             else ", ".join(r.spec.mountpoint for r in request.images)
         )
-        log.info("live: %s", paths)
         notify.ready(f"Exporting {paths}")
         try:
-            # asyncio and qemu.qmp serve from here on.  A stop signal while they load cuts the
-            # loading short; the daemon is then stopped without them, on leaving `live`.
+            # logging (for a daemon, with its syslog handler), asyncio and qemu.qmp serve from
+            # here on.  A stop signal while they load cuts the loading short; the daemon is then
+            # stopped without them, on leaving `live`.
             with stopsignals.interruptible():
                 lazylog.load()  # qemu.qmp logs through logging itself: its level set first
+                log.info("live: %s", paths)
                 import asyncio
 
                 from fuse_disk_export.engine.session import Session

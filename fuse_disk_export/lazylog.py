@@ -45,9 +45,10 @@ def load() -> None:
     """Import `logging` and run the pending setup now (before code that logs through `logging`
     directly, such as qemu.qmp, is loaded)."""
     global _pending_setup
-    setup, _pending_setup = _pending_setup, None
+    setup = _pending_setup
     if setup is not None:
-        setup()
+        setup()  # cut short (a stop signal), it runs again for the next record
+        _pending_setup = None
 
 
 def shutdown() -> None:
