@@ -131,6 +131,7 @@ def live(
             # This QEMU or kernel (or a seccomp policy) has no io_uring: the thread pool, then.
             log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
             graph = plan(prepared.specs, tuning._replace(io_uring=False), files)
+            # (The first daemon was up long enough to have had `meanwhile` done.)
             up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
         cleanup.callback(terminate, up, graph)
         # Loaded while the daemon started (`_while_the_daemon_starts`).
