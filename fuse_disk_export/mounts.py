@@ -264,8 +264,11 @@ def limit_background_requests(path: str, mounts: list[MountEntry] | None = None)
         )
     try:
         for knob in ("max_background", "congestion_threshold"):
-            with open(f"{FUSECTL}/{connection}/{knob}", "w", encoding="ascii") as f:
-                f.write("1")
+            fd = os.open(f"{FUSECTL}/{connection}/{knob}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
     except OSError as e:
         return f"{FUSECTL}/{connection}: {e.strerror}"
     return None

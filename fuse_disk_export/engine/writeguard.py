@@ -29,33 +29,26 @@ def _arm(mountpoint: str) -> bool:
     return True
 
 
-class _Arming:
-    """Every guard being armed: each read is a FUSE round trip, so with many exports several run
-    at once, in threads, while the caller does other work."""
+def _arm_all(mountpoints: list[str], workers: int = 8) -> set[str]:
+    """Arm every guard; return the mount points that could not be armed.  Each read is a FUSE
+    round trip: with many exports, several run at once."""
+    failed: list[str] = []
 
-    def __init__(self, mountpoints: list[str], workers: int = 8) -> None:
-        self.failed: list[str] = []
-        self._pending = mountpoints
-        self._threads: list[threading.Thread] = []
-        if len(mountpoints) > 2:
-            self._pending = []
-            self._threads = [
-                threading.Thread(target=self._arm, args=(mountpoints[i::workers],))
-                for i in range(workers)
-            ]
-            for thread in self._threads:
-                thread.start()
+    def arm(share: list[str]) -> None:
+        missed = [m for m in share if not _arm(m)]
+        failed.extend(missed)
 
-    def _arm(self, share: list[str]) -> None:
-        failed = [m for m in share if not _arm(m)]
-        self.failed.extend(failed)
-
-    def wait(self) -> set[str]:
-        """The mount points that could not be armed."""
-        self._arm(self._pending)
-        for thread in self._threads:
-            thread.join()
-        return set(self.failed)
+    if len(mountpoints) <= 2:
+        arm(mountpoints)
+        return set(failed)
+    threads = [
+        threading.Thread(target=arm, args=(mountpoints[i::workers],)) for i in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return set(failed)
 
 
 def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
@@ -64,11 +57,10 @@ def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
     writable = [e for e in graph.exports if e.writable]
     if not writable:
         return
-    arming = _Arming([e.mountpoint for e in writable if e.hole_guard])
-    try:
-        _serialize(graph, writable, version)
-    finally:
-        unarmed = arming.wait()
+    # Serialized first, then armed: done at once, in threads, the two took longer (the threads'
+    # reads and this thread's writes competed for the interpreter lock).
+    _serialize(graph, writable, version)
+    unarmed = _arm_all([e.mountpoint for e in writable if e.hole_guard])
     if versions.punch_hole_may_keep_data(version):
         for export in writable:
             if export.hole_guard and export.mountpoint not in unarmed:
