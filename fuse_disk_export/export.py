@@ -7,6 +7,7 @@ outside world — the pid file, the runtime registry, systemd — and reports li
 
 import contextlib
 import functools
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -202,6 +203,10 @@ def serve(
     """
     with live(request, cancel=cancel) as now:
         on_live(now.warnings)
+        # Serving is long, and asyncio makes cycles: collected from here on (the command line
+        # ran without the collector until now), the objects of the setup apart.
+        gc.freeze()
+        gc.enable()
         paths = (
             now.filesystem.directory
             if now.filesystem
