@@ -68,3 +68,9 @@ def test_the_path_to_live_leaves_out_what_it_does_not_use() -> None:
         "fuse_disk_export.fsmount",
     }
     assert loaded & unwanted == set()
+
+
+def test_the_entry_point_turns_the_cycle_collector_off() -> None:
+    # export.serve turns it back on once live (a long-running asyncio loop makes cycles).
+    code = "import gc, fuse_disk_export.entry\nassert not gc.isenabled()\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
