@@ -201,6 +201,7 @@ def serve(
     :raise FdeError: setup failed or was interrupted (rolled back), or the daemon died while
         serving (its mounts detached).
     """
+    stopped: str | None = None
     with live(request, cancel=cancel) as now:
         on_live(now.warnings)
         # Serving is long, and asyncio makes cycles: collected from here on (the command line
@@ -224,14 +225,20 @@ def serve(
 
                 from fuse_disk_export.engine.session import Session
         except stopsignals.StopRequested as e:
-            log.info("%s received, reverting", e)
+            stopped = str(e)
             notify.stopping()
-            return 0
-        try:
-            session = Session(now.graph, now.up, on_stop=notify.stopping, filesystem=now.filesystem)
-            asyncio.run(session.serve())
-        finally:
-            notify.stopping()
+        else:
+            try:
+                session = Session(
+                    now.graph, now.up, on_stop=notify.stopping, filesystem=now.filesystem
+                )
+                asyncio.run(session.serve())
+            finally:
+                notify.stopping()
+    if stopped is not None:
+        # Said once reverted: logging may not be loaded yet, and loading it would hold the
+        # revert up.
+        log.info("%s received, reverted", stopped)
     return 0
 
 
