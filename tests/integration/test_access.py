@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -214,6 +215,19 @@ def test_discard_through_the_export(fde: Runner, tmp_path: Path, discard: str) -
     img = make_qcow2(tmp_path / "trim.qcow2", "16M", (0x44, "2M", "2M"))
     assert _allocated(img, 2 * MiB, 2 * MiB)
     proc = fde.start_live("--discard", discard, str(img))
+    # Writes first (direct and buffered): the hole guard must stay armed through them.
+    fd = os.open(img, os.O_WRONLY | os.O_DIRECT)
+    try:
+        block = mmap.mmap(-1, 64 * 1024)
+        block.write(b"\x55" * len(block))
+        os.pwrite(fd, block, 8 * MiB)
+    finally:
+        os.close(fd)
+    with open(img, "r+b") as f:
+        f.seek(12 * MiB)
+        f.write(b"\x66" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
     punched = subprocess.run(
         ["fallocate", "-p", "-o", str(2 * MiB), "-l", str(2 * MiB), str(img)],
         capture_output=True,
