@@ -205,7 +205,8 @@ def run_detached(work: Callable[[Reporter], int], *, log_stream: IO[str] | None 
 
     ``work`` must call `Reporter.ready` when live, or `Reporter.failed`; its return value is the
     daemon's exit status.  Returns 0 when ready, else the failure's status (the message is printed
-    to stderr here, in the invoking process).
+    to stderr here, in the invoking process).  The daemon is the invoking process's child until
+    that exits (the command line does at once), and init's then.
     """
     import daemon  # only the -d path pays for this import
 

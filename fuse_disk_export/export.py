@@ -6,14 +6,13 @@ outside world — the pid file, the runtime registry, systemd — and reports li
 """
 
 import contextlib
-import functools
 import gc
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import lazylog, notify, state, stopsignals
+from fuse_disk_export import lazylog, notify, pidwatch, state, stopsignals
 from fuse_disk_export.engine import qemuversion, versions
 from fuse_disk_export.engine.bringup import Cancellable, Up, bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
@@ -88,12 +87,12 @@ def live(
         # Warnings of the setup reach a -d user through the waiting parent, and --list.
         warnings = lazylog.start_collecting()
         cleanup.callback(lazylog.stop_collecting, warnings)
-        if register:
-            cleanup.callback(state.unregister)
         # Registered before the daemon's cleanup, so released after it: a pid file that is gone
-        # means everything is reverted (a script waits for exactly that).
+        # means everything is reverted (a script waits for exactly that), the registry too.
         pid_files: list[PidFile] = []
         cleanup.callback(_release, pid_files)
+        if register:
+            cleanup.callback(state.unregister)
         if watch_signals:
             stopsignals.check()
         since = time.time()
@@ -121,10 +120,18 @@ def live(
         if log.isEnabledFor(lazylog.DEBUG):
             for line in graph.describe():
                 log.debug("plan: %s", line)
-        meanwhile = functools.partial(_while_the_daemon_starts, request.pid_file)
+        # Given to the daemon (and a --mount-fs driver) too: the watcher removes the pid file
+        # only once they have gone as well.
+        watcher = pidwatch.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
+        held = [watcher] if watcher is not None else []
+        fds = [*fds, *held]
         try:
             up = bring_up(
-                graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals, meanwhile=meanwhile
+                graph,
+                pass_fds=fds,
+                cancel=cancel,
+                watch_signals=watch_signals,
+                meanwhile=_while_the_daemon_starts,
             )
         except QemuError as e:
             if not (graph.default_io_uring and "io_uring" in e.reason):
@@ -154,6 +161,7 @@ def live(
                     plan_fs.directory,
                     plan_fs.fs,
                     read_only=plan_fs.read_only,
+                    pass_fds=held,
                 )
             )
         if watch_signals:
@@ -206,8 +214,9 @@ def serve(
         on_live(now.warnings)
         # Serving is long, and asyncio makes cycles: collected from here on (the command line
         # ran without the collector until now), the objects of the setup apart.
-        gc.freeze()
-        gc.enable()
+        if not gc.isenabled():
+            gc.freeze()
+            gc.enable()
         paths = (
             now.filesystem.directory
             if now.filesystem
@@ -242,15 +251,11 @@ def serve(
     return 0
 
 
-def _while_the_daemon_starts(pid_file: str | None) -> None:
-    """What needs no export, done while qemu-storage-daemon brings them up (which takes longer):
-    load what only the rest of the setup uses, and start the pid file's watcher (`pidwatch`: it
-    removes only a file that names us, so it may well start before there is one)."""
-    from fuse_disk_export import pidfile, pidwatch  # noqa: F401
+def _while_the_daemon_starts() -> None:
+    """While qemu-storage-daemon brings the exports up (which takes longer), load what only the
+    rest of the setup uses."""
+    from fuse_disk_export import pidfile  # noqa: F401
     from fuse_disk_export.engine import writeguard  # noqa: F401
-
-    if pid_file:
-        pidwatch.remove_pid_file_when_gone(pid_file)
 
 
 def _release(pid_files: "list[PidFile]") -> None:

@@ -12,7 +12,7 @@ import os
 import select
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from fuse_disk_export import lazylog, mounts
@@ -149,15 +149,21 @@ def unmount(mounted: Mounted) -> None:
 
 
 @contextlib.contextmanager
-def mounted(source: str, directory: str, fs: str, *, read_only: bool) -> Iterator[Mounted]:
+def mounted(
+    source: str, directory: str, fs: str, *, read_only: bool, pass_fds: Sequence[int] = ()
+) -> Iterator[Mounted]:
     """``fs``'s driver serving ``source`` at ``directory`` for the duration of the block.
+
+    :param pass_fds: descriptors the driver holds (the pid file watcher's: `pidwatch`).
 
     :raise FsError: the driver could not mount it (its own reason is in the message).
     :raise RequirementError: the driver is not installed.
     """
     driver = DRIVERS[fs]
     program = find_driver(fs)
-    process, tap = start_child(_argv(program, driver, source, directory, read_only))
+    process, tap = start_child(
+        _argv(program, driver, source, directory, read_only), pass_fds=pass_fds
+    )
     here = Mounted(directory, fs, driver, process, tap)
     try:
         _wait_mounted(directory, driver.program, process, here.stderr)

@@ -17,7 +17,7 @@ Warnings also reach the lists of `start_collecting`, which is how a setup's warn
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 TYPE_CHECKING = False
@@ -95,29 +95,41 @@ class Logger:
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if level >= WARNING and _collectors:
-            text = str(msg) % args if args else str(msg)
+            text = _message(msg, args)
             for messages in _collectors:
                 messages.append(text)
         target = self._target(level)
         if target is not None:
-            kwargs.setdefault("stacklevel", 3)
+            kwargs.setdefault("stacklevel", 2)  # the record names our caller
             target.log(level, msg, *args, **kwargs)
 
     def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(DEBUG, msg, *args, **kwargs)
+        self.log(DEBUG, msg, *args, stacklevel=3, **kwargs)
 
     def info(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(INFO, msg, *args, **kwargs)
+        self.log(INFO, msg, *args, stacklevel=3, **kwargs)
 
     def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(WARNING, msg, *args, **kwargs)
+        self.log(WARNING, msg, *args, stacklevel=3, **kwargs)
 
     def error(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(ERROR, msg, *args, **kwargs)
+        self.log(ERROR, msg, *args, stacklevel=3, **kwargs)
 
     def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
         kwargs.setdefault("exc_info", True)
-        self.log(ERROR, msg, *args, **kwargs)
+        self.log(ERROR, msg, *args, stacklevel=3, **kwargs)
+
+
+def _message(msg: object, args: tuple[object, ...]) -> str:
+    """The record's message, as `logging.LogRecord.getMessage` makes it (a lone mapping is the
+    arguments by name); a bad format gives the text as it is, not an exception."""
+    values: object = args
+    if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        values = args[0]
+    try:
+        return str(msg) % values if args else str(msg)
+    except (TypeError, ValueError, KeyError):
+        return str(msg)
 
 
 def get(name: str) -> Logger:

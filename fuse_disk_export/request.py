@@ -165,9 +165,9 @@ def _describe(disk: Disk) -> str:
 
 
 def _choose(options: Options, image: str, disk: Disk) -> tuple[int | None, str]:
+    """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts."""
     from fuse_disk_export.filesystems import DRIVERS, FS_TYPES
 
-    """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts."""
     forced = FS_TYPES[options.fs_type] if options.fs_type else None
     if options.partition is not None:
         disk.table.get(options.partition)  # PartitionError, listing those there are

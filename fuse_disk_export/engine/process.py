@@ -133,7 +133,10 @@ class Spawned(NamedTuple):
 def which(program: str) -> str | None:
     """Where ``program`` is on PATH, as `shutil.which` finds it: without importing shutil, which
     (with bz2, lzma and fnmatch) costs more at start-up than the search itself."""
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+    search = os.environ.get("PATH", os.defpath)
+    if not search:
+        return None
+    for directory in search.split(os.pathsep):
         path = os.path.join(directory, program)
         if os.access(path, os.X_OK) and not os.path.isdir(path):
             return path

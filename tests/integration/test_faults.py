@@ -161,6 +161,24 @@ def test_tool_killed(fde: Runner, tmp_path: Path, detach: bool) -> None:
     qemu_img_check(img)
 
 
+def test_tool_killed_pid_file_goes_after_the_daemon(fde: Runner, tmp_path: Path) -> None:
+    """Even after a SIGKILL, a script that waits for the pid file to go finds the daemon gone
+    (the exports unmounted, the images unlocked) once it has."""
+    images = [make_qcow2(tmp_path / f"i{n}.qcow2", "16M") for n in range(32)]
+    pid_file = tmp_path / "fde.pid"
+    result = fde.run("-dp", str(pid_file), *map(str, images))
+    assert result.returncode == 0, result.stderr
+    pid = detached_pid(pid_file)
+    fde.track_pid(pid)
+    daemon = wait_daemon_child(pid)
+    fde.track_pid(daemon)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_file.exists(), PROMPT, "the pid file to be removed")
+    assert pid_gone(daemon), "the pid file went before qemu-storage-daemon"
+    assert not any(mounts.mount_at(str(img)) for img in images)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
 # --------------------------------------------------------------------------------------------
 # 3. A stop signal during setup
 

@@ -81,3 +81,14 @@ def test_exception_carries_the_traceback(caplog: pytest.LogCaptureFixture) -> No
         log.exception("failed")
     (record,) = caplog.records
     assert record.exc_info is not None and record.exc_info[0] is ValueError
+
+
+def test_a_collected_message_is_formatted_as_logging_would() -> None:
+    lazylog.configure(lazylog.ERROR, lambda: None)
+    log = lazylog.get("fuse_disk_export.test")
+    messages = lazylog.start_collecting()
+    log.warning("%(path)s: %(why)s", {"path": "/x", "why": "locked"})
+    log.warning("100% sure %s")  # no arguments: not a format
+    log.warning("bad %d", "not a number")  # logging reports these; collecting never raises
+    lazylog.stop_collecting(messages)
+    assert messages == ["/x: locked", "100% sure %s", "bad %d"]
