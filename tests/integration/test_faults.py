@@ -43,7 +43,7 @@ from tests.helpers.images import (
     qemu_io,
     sha256,
 )
-from tests.helpers.runner import Processes, Runner, pid_gone, wait_daemon_child, wait_for
+from tests.helpers.runner import Processes, Runner, end, pid_gone, wait_daemon_child, wait_for
 from tests.helpers.units import MiB
 
 pytestmark = pytest.mark.faults
@@ -347,8 +347,12 @@ def test_refuses_a_mount_whose_server_is_stopped(
     finally:
         os.kill(other.pid, signal.SIGCONT)
     assert "does not answer" in line and f"pid {other.pid}" in line, line
-    other.terminate()
-    other.wait(timeout=10)
+    # qemu-storage-daemon 10.0.2 now and then stays in its main loop after this SIGTERM (it did
+    # so at the start of this round too, 4 runs in 10); how that daemon ends is not this test's
+    # subject, so it is killed after a while, and its mount detached.
+    end(other, signal.SIGTERM, timeout=5)
+    if mounts.mount_at(str(img)) is not None:
+        mounts.lazy_unmount(str(img))
     assert_all_clean(tmp_path)
     assert image_format(img) == "qcow2"
 
