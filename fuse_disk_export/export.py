@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import lazylog, notify, pidwatch, state, stopsignals
-from fuse_disk_export.engine import qemuversion, versions
+from fuse_disk_export import lazylog, notify, pidfile, pidwatch, state, stopsignals
+from fuse_disk_export.engine import qemuversion, versions, writeguard
 from fuse_disk_export.engine.bringup import Cancellable, Up, bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
 from fuse_disk_export.engine.process import find_binary
@@ -24,7 +24,6 @@ from fuse_disk_export.prepare import ImageExtras, prepare_images
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from fuse_disk_export.fsmount import Mounted
-    from fuse_disk_export.pidfile import PidFile
 
 log = lazylog.get(__name__)
 
@@ -89,7 +88,7 @@ def live(
         cleanup.callback(lazylog.stop_collecting, warnings)
         # Registered before the daemon's cleanup, so released after it: a pid file that is gone
         # means everything is reverted (a script waits for exactly that), the registry too.
-        pid_files: list[PidFile] = []
+        pid_files: list[pidfile.PidFile] = []
         cleanup.callback(_release, pid_files)
         if register:
             cleanup.callback(state.unregister)
@@ -126,26 +125,15 @@ def live(
         held = [watcher] if watcher is not None else []
         fds = [*fds, *held]
         try:
-            up = bring_up(
-                graph,
-                pass_fds=fds,
-                cancel=cancel,
-                watch_signals=watch_signals,
-                meanwhile=_while_the_daemon_starts,
-            )
+            up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
         except QemuError as e:
             if not (graph.default_io_uring and "io_uring" in e.reason):
                 raise
             # This QEMU or kernel (or a seccomp policy) has no io_uring: the thread pool, then.
             log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
             graph = plan(prepared.specs, tuning._replace(io_uring=False), files)
-            # (The first daemon was up long enough to have had `meanwhile` done.)
             up = bring_up(graph, pass_fds=fds, cancel=cancel, watch_signals=watch_signals)
         cleanup.callback(terminate, up, graph)
-        # Loaded while the daemon started (`_while_the_daemon_starts`).
-        from fuse_disk_export import pidfile
-        from fuse_disk_export.engine import writeguard
-
         qemuversion.remember(binary, up.version)
         prepared.forget_overlays()
         writeguard.protect(graph, up.version)
@@ -251,14 +239,7 @@ def serve(
     return 0
 
 
-def _while_the_daemon_starts() -> None:
-    """While qemu-storage-daemon brings the exports up (which takes longer), load what only the
-    rest of the setup uses."""
-    from fuse_disk_export import pidfile  # noqa: F401
-    from fuse_disk_export.engine import writeguard  # noqa: F401
-
-
-def _release(pid_files: "list[PidFile]") -> None:
+def _release(pid_files: list[pidfile.PidFile]) -> None:
     for pid_file in pid_files:
         pid_file.release()
 

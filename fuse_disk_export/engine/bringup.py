@@ -18,7 +18,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple, Protocol
 
 from fuse_disk_export import lazylog, mounts, stopsignals
@@ -142,7 +142,6 @@ def bring_up(
     pass_fds: list[int] | None = None,
     cancel: Cancellable | None = None,
     watch_signals: bool = True,
-    meanwhile: Callable[[], object] | None = None,
 ) -> Up:
     """Start a qemu-storage-daemon that brings ``graph`` up; return once every export is live.
 
@@ -151,8 +150,6 @@ def bring_up(
     `SETUP_GRACE`: then it is killed.  The caller reverts a daemon that came up after a stop
     signal, and reports the interruption.
 
-    :param meanwhile: work that needs no export, done once the daemon is started, while it
-        brings the graph up (it fails the setup as the daemon would).
     :raise Interrupted: stopped by a signal and killed (nothing is left mounted).
     :raise QemuError: the daemon refused an option or died (nothing is left mounted).
     """
@@ -180,8 +177,6 @@ def bring_up(
     deadline: float | None = None
     stopped: str | None = None
     try:
-        if meanwhile is not None:
-            meanwhile()
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             events = dict(poller.poll(None if timeout is None else timeout * 1000))
