@@ -199,6 +199,7 @@ def bring_up(
                 greeting = _greeting(spawned.qmp_socket)
                 if greeting is not None:
                     log.debug("live: %.1f ms after spawn", (time.monotonic() - started) * 1000)
+                    spawned.unpin()
                     spawned.stderr.release()
                     return Up(spawned, _version(greeting))
             if pidfd in events:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from fuse_disk_export import lazylog
+from fuse_disk_export.engine import onecpu
 from fuse_disk_export.errors import LockedError, QemuError, RequirementError
 
 log = lazylog.get(__name__)
@@ -30,6 +31,12 @@ def die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
     # The parent may have died before prctl; then nobody would ever signal us.
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _in_child(libc: ctypes.CDLL, parent: int, cpu: int | None) -> None:
+    die_with_parent(libc, parent)
+    if cpu is not None:
+        onecpu.pin_self(cpu)
 
 
 def describe_exit(status: int) -> str:
@@ -119,6 +126,13 @@ class Spawned(NamedTuple):
     process: subprocess.Popen[bytes]
     qmp_socket: socket.socket
     stderr: StderrTap
+    #: Started on one CPU (`onecpu`): `unpin` once up.
+    pinning: onecpu.Pinning | None = None
+
+    def unpin(self) -> None:
+        """Every CPU we may use, to every thread of the daemon (once it is up)."""
+        if self.pinning is not None:
+            onecpu.release(self.process.pid, self.pinning.cpus)
 
     def abandon(self) -> None:
         """End a daemon nobody has connected to yet (ours, by pid), and close our end."""
@@ -174,25 +188,32 @@ def spawn(
     :raise RequirementError: the binary is not installed.
     """
     path = find_binary(binary)
+    pinning = onecpu.choose()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         fd = theirs.fileno()
         argv = [path, *options, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
-        process, tap = start_child(argv, pass_fds=(fd, *pass_fds), stderr=stderr)
+        process, tap = start_child(
+            argv,
+            pass_fds=(fd, *pass_fds),
+            stderr=stderr,
+            cpu=pinning.cpu if pinning is not None else None,
+        )
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-    return Spawned(process, ours, tap)
+    return Spawned(process, ours, tap, pinning)
 
 
 def start_child(
-    argv: Sequence[str], *, pass_fds: Sequence[int] = (), stderr: int = 2
+    argv: Sequence[str], *, pass_fds: Sequence[int] = (), stderr: int = 2, cpu: int | None = None
 ) -> tuple[subprocess.Popen[bytes], StderrTap]:
     """Start ``argv`` as a child that never outlives us: in a session of its own (a terminal's
     Ctrl-C reaches only us, and we stop it in order), with a parent-death signal, and its stderr
-    tapped (passed on to ``stderr``, its latest lines kept for errors)."""
+    tapped (passed on to ``stderr``, its latest lines kept for errors).  With ``cpu``, it starts
+    on that CPU alone (`onecpu`)."""
     if log.isEnabledFor(lazylog.DEBUG):
         log.debug("starting %s", " ".join(argv))
     libc = ctypes.CDLL(None, use_errno=True)
@@ -206,7 +227,7 @@ def start_child(
             stderr=errors_w,
             pass_fds=tuple(pass_fds),
             start_new_session=True,
-            preexec_fn=lambda: die_with_parent(libc, parent),
+            preexec_fn=lambda: _in_child(libc, parent, cpu),
         )
     except BaseException:
         os.close(errors_r)

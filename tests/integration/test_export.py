@@ -106,6 +106,25 @@ def test_pid_file_gone_means_reverted(fde: Runner, tmp_path: Path) -> None:
     assert {image_format(img) for img in images} == {"qcow2"}
 
 
+def test_daemon_serves_on_every_cpu(fde: Runner, tmp_path: Path) -> None:
+    """qemu-storage-daemon starts on one CPU (engine/onecpu.py), but serves on all of ours: the
+    threads it had then, and those it starts for the I/O that follows."""
+    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
+    pid_file = tmp_path / "fde.pid"
+    result = fde.run("-dp", str(pid_file), str(img))
+    assert result.returncode == 0, result.stderr
+    pid = int(pid_file.read_text())
+    fde.track_pid(pid)
+    (daemon,) = [c for c in psutil.Process(pid).children() if "fde-guard" not in c.cmdline()]
+    with open(img, "rb") as f:
+        assert len(f.read(8 * MiB)) == 8 * MiB
+    ours = set(os.sched_getaffinity(0))
+    assert {frozenset(os.sched_getaffinity(t.id)) for t in daemon.threads()} == {frozenset(ours)}
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: not pid_file.exists(), what="the pid file to be removed")
+    assert image_format(img) == "qcow2"
+
+
 def test_daemonize_relative_paths(fde: Runner, tmp_path: Path) -> None:
     make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     result = fde.run("-dp", "fde.pid", "foo.qcow2", cwd=tmp_path)
