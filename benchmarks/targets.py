@@ -191,7 +191,7 @@ def start_qsd(
 def start_qsd_safe(ctx: Ctx, images: Sequence[str], pid_file: str) -> Live:
     """By hand, but just as safe as fuse-disk-export: the graph it gives qemu-storage-daemon
     (on QEMU before 8.0, the punched-hole guard's two nodes per image) on the command line, with
-    ``--daemonize``; then, as a careful user must, the guard applied (a read through every export
+    ``--daemonize``; then, as a careful user must, the guard applied (a flush of every export
     arms it, and max_background=1 on every FUSE connection), which counts towards live."""
     from fuse_disk_export import cli
     from fuse_disk_export.engine import qemuversion, versions, writeguard

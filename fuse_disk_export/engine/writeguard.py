@@ -13,15 +13,10 @@ log = lazylog.get(__name__)
 
 
 def _arm(mountpoint: str) -> bool:
-    # One read through the export fires the event that arms the guard's filter (graph.py).
+    # Closing a descriptor sends the kernel's FUSE flush, and QEMU flushes the export's nodes:
+    # the event that arms the guard's filter (graph.py).  An error of that flush is close's.
     try:
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            # One page, no readahead: a FUSE round trip as short as it gets.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            os.read(fd, 512)
-        finally:
-            os.close(fd)
+        os.close(os.open(mountpoint, os.O_RDONLY | os.O_CLOEXEC))
     except OSError as e:
         log.debug("%s: cannot arm the punched-hole guard: %s", mountpoint, e.strerror)
         return False
@@ -30,8 +25,8 @@ def _arm(mountpoint: str) -> bool:
 
 
 def _arm_all(mountpoints: list[str], workers: int = 8) -> set[str]:
-    """Arm every guard; return the mount points that could not be armed.  Each read is a FUSE
-    round trip: with many exports, several run at once."""
+    """Arm every guard; return the mount points that could not be armed.  Each is three FUSE
+    round trips (open, flush, release): with many exports, several run at once."""
     failed: list[str] = []
 
     def arm(share: list[str]) -> None:
@@ -58,7 +53,7 @@ def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
     if not writable:
         return
     # Serialized first, then armed: done at once, in threads, the two took longer (the threads'
-    # reads and this thread's writes competed for the interpreter lock).
+    # requests and this thread's writes competed for the interpreter lock).
     _serialize(graph, writable, version)
     unarmed = _arm_all([e.mountpoint for e in writable if e.hole_guard])
     if versions.punch_hole_may_keep_data(version):
