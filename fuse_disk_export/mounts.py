@@ -241,34 +241,46 @@ def wait_unmounted(paths: Iterable[str], timeout: float) -> list[str]:
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def limit_background_requests(path: str, mounts: list[MountEntry] | None = None) -> str | None:
-    """Let the kernel have at most one background request of the FUSE mount on ``path`` in flight.
+def topmost(mounts: list[MountEntry]) -> dict[str, MountEntry]:
+    """The topmost mount of each mount point in ``mounts``: for looking up many paths at once."""
+    return {entry.mount_point: entry for entry in mounts}
+
+
+def limit_background_requests(entry: MountEntry | None) -> str | None:
+    """Let the kernel have at most one background request of FUSE mount ``entry`` in flight.
 
     QEMU before 10.1 serves every FUSE request from one buffer that a nested request overwrites,
     so two writes in flight at once (AIO or O_DIRECT writers) can store each other's data.  The
     kernel sends writes of one file one at a time except background ones; limiting those to one
     closes the gap.  Returns None on success, else why it could not be done.
     """
-    entry = mount_at(path, mounts)
     connection = connection_id(entry) if entry is not None else None
     if connection is None:
         return "its FUSE connection cannot be found"
-    if not os.path.isdir(f"{FUSECTL}/{connection}") and os.geteuid() == 0:
-        # systemd mounts fusectl at boot; a container often has not.
-        subprocess.run(
-            ["mount", "-t", "fusectl", "fusectl", FUSECTL],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
-        )
     try:
-        for knob in ("max_background", "congestion_threshold"):
-            fd = os.open(f"{FUSECTL}/{connection}/{knob}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"1")
-            finally:
-                os.close(fd)
+        try:
+            _limit(connection)
+        except FileNotFoundError:
+            if os.geteuid() != 0:
+                raise
+            # systemd mounts fusectl at boot; a container often has not.
+            subprocess.run(
+                ["mount", "-t", "fusectl", "fusectl", FUSECTL],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+            _limit(connection)
     except OSError as e:
         return f"{FUSECTL}/{connection}: {e.strerror}"
     return None
+
+
+def _limit(connection: int) -> None:
+    for knob in ("max_background", "congestion_threshold"):
+        fd = os.open(f"{FUSECTL}/{connection}/{knob}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)

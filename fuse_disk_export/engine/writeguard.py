@@ -79,9 +79,9 @@ def _serialize(
         log.debug("write guard off (--no-write-guard) on QEMU %s", versions.describe(version))
         return
     # Two writes in flight can store each other's data: keep them one at a time.
-    table = mounts.read_mounts()
+    table = mounts.topmost(mounts.read_mounts())
     for export in writable:
-        problem = mounts.limit_background_requests(export.mountpoint, table)
+        problem = mounts.limit_background_requests(table.get(export.mountpoint))
         if problem:
             log.warning(
                 "%s: cannot serialize writes (%s); with QEMU %s, concurrent AIO or O_DIRECT "
