@@ -129,7 +129,7 @@ class ExportPlan(NamedTuple):
     mountpoint: str
     writable: bool
     nbd_name: str | None = None
-    #: Reads once through the export arm the hole guard (`_hole_guard`).
+    #: Opening and closing the export once (a flush) arms the hole guard (`_hole_guard`).
     hole_guard: bool = False
 
 

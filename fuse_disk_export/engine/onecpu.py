@@ -3,9 +3,9 @@
 Opening an image is a chain of small reads, one after another: QEMU's main thread hands each to a
 worker of its thread pool (``aio=threads``) and sleeps until the worker has read.  When the two
 threads run on different CPUs, each read costs two cross-CPU wake-ups; on one CPU, two context
-switches.  On this 2-CPU host, 128 images came up in 55 ms instead of 77 ms on one CPU
-(docs/benchmarks.md, "Round 4").  Once up, the daemon serves on every CPU it had: its threads are
-given our own affinity back, which every thread it creates later inherits.
+switches, which is much less (docs/benchmarks.md, "Round 4").  Once up, the daemon serves on
+every CPU it had: its threads are given our own affinity back, which every thread it creates
+later inherits.
 """
 
 import contextlib
@@ -21,11 +21,11 @@ class Pinning(NamedTuple):
 
 
 def choose() -> Pinning | None:
-    """The CPU this process last ran on (idle enough to be running us), if we may use another
+    """The CPU this thread last ran on (idle enough to be running us), if we may use another
     one as well; None where there is nothing to choose (one CPU) or nothing to tell."""
     try:
         cpus = frozenset(os.sched_getaffinity(0))
-        with open("/proc/self/stat", "rb") as f:
+        with open("/proc/thread-self/stat", "rb") as f:
             # Field 39, "processor"; the fields after the command's closing parenthesis start at 3.
             cpu = int(f.read().rsplit(b")", 1)[1].split()[36])
     except (OSError, ValueError, IndexError):
@@ -44,20 +44,38 @@ def pin_self(cpu: int) -> None:
 def release(pid: int, cpus: frozenset[int]) -> None:
     """Give every thread of process ``pid`` the CPUs ``cpus`` again.
 
-    A thread still pinned may create one meanwhile, pinned too: so the threads are listed again
-    until no new one shows up.  The main thread comes first, since it creates most of them.
+    A thread still pinned may be creating one meanwhile, which inherits its one CPU and shows in
+    /proc a moment later; so the threads are looked at again until two passes in a row find all
+    of them with ``cpus``.  The main thread comes first, since it creates most of them.  (One
+    left pinned would only be slower.)
     """
-    done: set[int] = set()
-    while True:
+    refused: set[int] = set()
+    clean = 0
+    for _ in range(_PASSES):
         try:
-            threads = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+            threads = sorted(
+                (int(t) for t in os.listdir(f"/proc/{pid}/task")), key=lambda t: t != pid
+            )
         except OSError:
             return  # gone: nothing to give back
-        new = sorted(threads - done, key=lambda t: (t != pid, t))
-        if not new:
+        pinned = [t for t in threads if t not in refused and _affinity(t) not in (cpus, None)]
+        clean = 0 if pinned else clean + 1
+        if clean == 2:
             return
-        for tid in new:
-            # A kernel worker of the process (io_uring's) refuses; it follows the process anyway.
-            with contextlib.suppress(OSError):
+        for tid in pinned:
+            try:
                 os.sched_setaffinity(tid, cpus)
-        done.update(new)
+            except OSError:
+                # io_uring's kernel workers take its own mask, never the thread's: not ours to set.
+                refused.add(tid)
+
+
+#: Each pass catches the threads created during the one before; a few passes suffice.
+_PASSES = 50
+
+
+def _affinity(tid: int) -> frozenset[int] | None:
+    try:
+        return frozenset(os.sched_getaffinity(tid))
+    except OSError:
+        return None  # exited meanwhile

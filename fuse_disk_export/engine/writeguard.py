@@ -14,7 +14,9 @@ log = lazylog.get(__name__)
 
 def _arm(mountpoint: str) -> bool:
     # Closing a descriptor sends the kernel's FUSE flush, and QEMU flushes the export's nodes:
-    # the event that arms the guard's filter (graph.py).  An error of that flush is close's.
+    # the event that arms the guard's filter (graph.py) comes first.  That flush's error is
+    # close's, and is taken for "not armed" (a warning too many, never one too few); it writes
+    # to disk only what opening the image wrote.
     try:
         os.close(os.open(mountpoint, os.O_RDONLY | os.O_CLOEXEC))
     except OSError as e:
@@ -25,8 +27,9 @@ def _arm(mountpoint: str) -> bool:
 
 
 def _arm_all(mountpoints: list[str], workers: int = 8) -> set[str]:
-    """Arm every guard; return the mount points that could not be armed.  Each is three FUSE
-    round trips (open, flush, release): with many exports, several run at once."""
+    """Arm every guard; return the mount points that could not be armed.  Each is two FUSE
+    round trips (open, flush; the release is not waited for): with many exports, several run at
+    once."""
     failed: list[str] = []
 
     def arm(share: list[str]) -> None:
