@@ -21,18 +21,26 @@ class Pinning(NamedTuple):
 
 
 def choose() -> Pinning | None:
-    """The CPU this thread last ran on (idle enough to be running us), if we may use another
-    one as well; None where there is nothing to choose (one CPU) or nothing to tell."""
+    """A CPU we may use other than the one this thread runs on, where the daemon then starts
+    undisturbed: we go on for a moment on ours (and a ``-d`` parent and the pid file's watcher
+    wake up there), which cost 6 ms of 80 for 128 images (docs/benchmarks.md, "Round 4").  None
+    where there is no other (one CPU allowed) or nothing to tell."""
     try:
         cpus = frozenset(os.sched_getaffinity(0))
         with open("/proc/thread-self/stat", "rb") as f:
             # Field 39, "processor"; the fields after the command's closing parenthesis start at 3.
-            cpu = int(f.read().rsplit(b")", 1)[1].split()[36])
+            ours = int(f.read().rsplit(b")", 1)[1].split()[36])
     except (OSError, ValueError, IndexError):
         return None
     if len(cpus) < 2:
         return None
-    return Pinning(cpu if cpu in cpus else min(cpus), cpus)
+    return Pinning(next_cpu(cpus, ours), cpus)
+
+
+def next_cpu(cpus: frozenset[int], ours: int) -> int:
+    """The CPU of ``cpus`` after ``ours``, round the set: another one if there is any (no better
+    guess without sampling every CPU's load)."""
+    return min(cpus, key=lambda c: (c <= ours, c))
 
 
 def pin_self(cpu: int) -> None:

@@ -35,6 +35,21 @@ def test_choose_a_cpu_we_may_use() -> None:
     assert pinning.cpu in CPUS
 
 
+@pytest.mark.parametrize(
+    ("cpus", "ours", "chosen"),
+    [
+        ({0, 1}, 0, 1),
+        ({0, 1}, 1, 0),
+        ({0, 2, 3, 5}, 3, 5),
+        ({0, 2, 3, 5}, 5, 0),
+        ({0, 2, 3, 5}, 4, 5),  # ours is not among them (taskset since)
+        ({7}, 7, 7),
+    ],
+)
+def test_the_next_cpu_round_the_set(cpus: set[int], ours: int, chosen: int) -> None:
+    assert onecpu.next_cpu(frozenset(cpus), ours) == chosen
+
+
 def test_nothing_to_choose_on_one_cpu() -> None:
     cpu = min(CPUS)
     script = "from fuse_disk_export.engine import onecpu; print(onecpu.choose())"
