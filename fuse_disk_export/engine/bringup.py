@@ -158,7 +158,7 @@ def bring_up(
         e.mount_id for x in graph.exports if (e := mounts.mount_at(x.mountpoint, table)) is not None
     }
     started = time.monotonic()
-    spawned = spawn(graph.command_line(), pass_fds=pass_fds or [])
+    spawned = spawn(graph.command_line(), pass_fds=pass_fds or [], descriptors=graph.descriptors())
     log.debug("qemu-storage-daemon pid %d started", spawned.process.pid)
     pidfd = os.pidfd_open(spawned.process.pid)
     wake_r, wake_w = socket.socketpair()

@@ -164,6 +164,21 @@ class BlockGraph(NamedTuple):
         """Human-readable lines for ``-v``: every option in order (secrets are file names)."""
         return [" ".join(s.option()) for s in self.all_steps()]
 
+    def descriptors(self) -> int:
+        """About how many descriptors qemu-storage-daemon holds for this graph: one per file or
+        NBD connection it opens, one per FUSE export (/dev/fuse) and for the NBD server."""
+        held = 0
+        for step in self.all_steps():
+            if step.do.name == "blockdev-add":
+                held += step.do.args.get("driver") in _HOLDS_A_DESCRIPTOR
+            elif step.do.name in ("block-export-add", "nbd-server-start"):
+                held += 1
+        return held
+
+
+#: Block drivers whose node keeps a descriptor open (a file, a device, an NBD socket).
+_HOLDS_A_DESCRIPTOR = frozenset({"file", "host_device", "host_cdrom", "nbd"})
+
 
 def _node_prefix(index: int) -> str:
     # Node names are limited to 31 characters in QEMU; keep them short and unique per invocation.

@@ -211,6 +211,7 @@ def spawn(
     pass_fds: Sequence[int] = (),
     binary: str = "qemu-storage-daemon",
     stderr: int = 2,
+    descriptors: int = 0,
 ) -> Spawned:
     """Start qemu-storage-daemon with ``options`` and then a QMP monitor on a socketpair.
 
@@ -218,6 +219,7 @@ def spawn(
     its QMP greeting arrives only once every node and export of ``options`` is up.
 
     :param options: ``--object``/``--blockdev``/``--nbd-server``/``--export`` and their JSON.
+    :param descriptors: how many the options will have it hold (`BlockGraph.descriptors`).
     :param pass_fds: descriptors the options name (``/dev/fd/N`` of a secret's pipe).
     :param stderr: file descriptor the daemon's own messages are passed on to (default: ours).
     :raise RequirementError: the binary is not installed.
@@ -228,11 +230,10 @@ def spawn(
     try:
         fd = theirs.fileno()
         argv = [path, *options, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
-        # Two descriptors per node at most (a file node holds one; an export, /dev/fuse), and
-        # room for the daemon's own (event notifiers, the monitor, io_uring).
+        # Room for the daemon's own as well (event notifiers, the monitor, io_uring, libraries).
         setup = ChildSetup(
             cpu=pinning.cpu if pinning is not None else None,
-            descriptors=_DEFAULT_TABLE + len(options),
+            descriptors=_DEFAULT_TABLE + descriptors,
         )
         process, tap = start_child(argv, pass_fds=(fd, *pass_fds), stderr=stderr, setup=setup)
     except BaseException:

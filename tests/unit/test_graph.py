@@ -208,3 +208,13 @@ def test_read_only_exports_read_through_io_uring_by_default() -> None:
     assert aio([spec(writable=False)], Tuning(aio="threads")) == ["threads"]
     assert not plan([spec(writable=False)], Tuning(aio="io_uring")).default_io_uring
     assert aio([spec(writable=False)], Tuning(io_uring=False)) == [None]
+
+
+def test_descriptors_the_daemon_holds() -> None:
+    # One per file node and one per FUSE export; the guard's filters and format nodes hold none.
+    guarded = plan([spec(), spec("/img/b.qcow2")], Tuning(hole_guard=True))
+    assert guarded.descriptors() == 4
+    # A backing chain opens a file per layer; the NBD server listens on a socket of its own.
+    chain = spec(layers=(Layer("/img/a.qcow2", "qcow2"), Layer("/img/base.qcow2", "qcow2", True)))
+    assert plan([chain]).descriptors() == 3
+    assert plan([spec()], Tuning(nbd_socket="/x.sock")).descriptors() == 4
