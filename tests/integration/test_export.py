@@ -68,14 +68,20 @@ def test_every_format_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
         assert image_format(img) == fmt
 
 
+def start_detached(fde: Runner, pid_file: Path, *images: Path) -> int:
+    """``-dp PID_FILE IMAGE...``, live once it returns: the serving process's pid (tracked)."""
+    result = fde.run("-dp", str(pid_file), *map(str, images))
+    assert result.returncode == 0, result.stderr
+    pid = int(pid_file.read_text())
+    fde.track_pid(pid)
+    return pid
+
+
 def test_daemonize_ready_when_parent_returns(fde: Runner, tmp_path: Path) -> None:
     img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     pid_file = tmp_path / "fde.pid"
-    result = fde.run("-dp", str(pid_file), str(img))
-    assert result.returncode == 0, result.stderr
+    pid = start_detached(fde, pid_file, img)
     # No waiting: the export must be readable the instant the parent has returned.
-    pid = int(pid_file.read_text())
-    fde.track_pid(pid)
     with open(img, "rb") as f:
         assert f.read(16) == b"\x5a" * 16
     assert image_format(img) == "raw"
@@ -92,10 +98,7 @@ def test_pid_file_gone_means_reverted(fde: Runner, tmp_path: Path) -> None:
     even when the signal comes the moment the export is live (before the tool serves)."""
     images = [make_qcow2(tmp_path / f"i{n}.qcow2", "64M") for n in range(16)]
     pid_file = tmp_path / "fde.pid"
-    result = fde.run("-dp", str(pid_file), *map(str, images))
-    assert result.returncode == 0, result.stderr
-    pid = int(pid_file.read_text())
-    fde.track_pid(pid)
+    pid = start_detached(fde, pid_file, *images)
     # Not the pid file's own watcher (pidwatch): it goes once the tool has gone.
     daemons = [c.pid for c in psutil.Process(pid).children() if "fde-guard" not in c.cmdline()]
     assert daemons
@@ -111,10 +114,7 @@ def test_daemon_serves_on_every_cpu(fde: Runner, tmp_path: Path) -> None:
     threads it had then, and those it starts for the I/O that follows."""
     img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
     pid_file = tmp_path / "fde.pid"
-    result = fde.run("-dp", str(pid_file), str(img))
-    assert result.returncode == 0, result.stderr
-    pid = int(pid_file.read_text())
-    fde.track_pid(pid)
+    pid = start_detached(fde, pid_file, img)
     (daemon,) = [c for c in psutil.Process(pid).children() if "fde-guard" not in c.cmdline()]
     with open(img, "rb") as f:
         assert len(f.read(8 * MiB)) == 8 * MiB
