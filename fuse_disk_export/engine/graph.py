@@ -166,12 +166,18 @@ class BlockGraph(NamedTuple):
 
     def descriptors(self) -> int:
         """About how many descriptors qemu-storage-daemon holds for this graph: one per file or
-        NBD connection it opens, one per FUSE export (/dev/fuse) and for the NBD server."""
+        NBD connection it opens as a node, one per FUSE export (/dev/fuse), one for the NBD
+        server.  Files QEMU opens without a node of ours (vmdk extents, a backing chain it
+        follows itself) are not counted: the count only sizes a table, which the kernel grows
+        anyway if it is short."""
         held = 0
         for step in self.all_steps():
+            args = step.do.args
             if step.do.name == "blockdev-add":
-                held += step.do.args.get("driver") in _HOLDS_A_DESCRIPTOR
-            elif step.do.name in ("block-export-add", "nbd-server-start"):
+                held += args.get("driver") in _HOLDS_A_DESCRIPTOR
+            elif step.do.name == "block-export-add":
+                held += args.get("type") == "fuse"
+            elif step.do.name == "nbd-server-start":
                 held += 1
         return held
 

@@ -23,8 +23,8 @@ class Pinning(NamedTuple):
 def choose() -> Pinning | None:
     """A CPU we may use other than the one this thread runs on, where the daemon then starts
     undisturbed: we go on for a moment on ours (and a ``-d`` parent and the pid file's watcher
-    wake up there), which cost 6 ms of 80 for 128 images (docs/benchmarks.md, "Round 4").  None
-    where there is no other (one CPU allowed) or nothing to tell."""
+    wake up there); 128 images went live a few milliseconds sooner so (docs/benchmarks.md,
+    "Round 4").  None where there is no other (one CPU allowed) or nothing to tell."""
     try:
         cpus = frozenset(os.sched_getaffinity(0))
         with open("/proc/thread-self/stat", "rb") as f:

@@ -9,6 +9,7 @@ us).  Its stderr is passed on as it comes, and its latest lines kept for error m
 import collections
 import contextlib
 import ctypes
+import fcntl
 import os
 import resource
 import signal
@@ -54,13 +55,14 @@ def reserve_descriptors(count: int) -> None:
     the table survives exec, and a table never shrinks.  Beyond RLIMIT_NOFILE, it grows as far
     as the limit lets it.
     """
-    if count <= _DEFAULT_TABLE:
-        return
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    highest = count - 1 if limit == resource.RLIM_INFINITY else min(count, limit) - 1
+    highest = min(count, limit) - 1
+    if highest < _DEFAULT_TABLE:
+        return
     with contextlib.suppress(OSError):
-        os.dup2(0, highest, inheritable=False)
-        os.close(highest)
+        # The lowest free slot from there up: never one of the descriptors still open here
+        # (those passed on, subprocess's own), which dup2 would replace.
+        os.close(fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, highest))
 
 
 #: The slots a new process's descriptor table has (NR_OPEN_DEFAULT).
@@ -258,7 +260,8 @@ def start_child(
         log.debug("starting %s", " ".join(argv))
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
-    setup = setup or ChildSetup()
+    if setup is None:
+        setup = ChildSetup()
     errors_r, errors_w = os.pipe()
     try:
         process = subprocess.Popen(

@@ -237,23 +237,46 @@ def test_sigterm_at_the_first_mount(fde: Runner, tmp_path: Path) -> None:
     unchanged(images)
 
 
-def _detached_tool(waiting: subprocess.Popen[str], root: Path) -> tuple[int, int]:
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []  # exited
+
+
+def _detached_tool(
+    fde: Runner, waiting: subprocess.Popen[str], root: Path, pid_file: Path
+) -> tuple[int, int]:
     """(tool pid, daemon pid) of a ``-d`` run still setting up, once its first export is
-    mounted.  Found as the waiting parent's child and its child: looking for who serves the mount
-    (every process's descriptors) takes longer than what is left of the setup."""
+    mounted.  Found as the waiting parent's child and its child (from /proc, at once): looking for
+    who serves the mount (every process's descriptors) takes longer than what is left of the
+    setup."""
     wait_first_mount(root)
-    (tool,) = psutil.Process(waiting.pid).children()
-    daemons = [c.pid for c in tool.children() if c.name().startswith("qemu-st")]
+    tools = _children(waiting.pid)
+    if len(tools) != 1 or waiting.poll() is not None:
+        if pid_file.exists():
+            fde.track_pid(int(pid_file.read_text()))
+        pytest.fail("the setup was over before the signal could be sent")
+    fde.track_pid(tools[0])
+    daemons = [c for c in _children(tools[0]) if _comm(c).startswith("qemu-st")]
     assert daemons, "no qemu-storage-daemon"
-    return tool.pid, daemons[0]
+    return tools[0], daemons[0]
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def test_sigterm_to_the_detached_process_during_setup(fde: Runner, tmp_path: Path) -> None:
     images = qcow2_images(tmp_path, SETUP_IMAGES)
     pid_file = tmp_path / "fde.pid"
     waiting = fde.start("-dp", str(pid_file), *map(str, images))
-    tool, daemon = _detached_tool(waiting, tmp_path)
-    fde.track_pid(tool)
+    tool, daemon = _detached_tool(fde, waiting, tmp_path, pid_file)
     os.kill(tool, signal.SIGTERM)
 
     assert waiting.wait(timeout=30) != 0
@@ -270,8 +293,7 @@ def test_ctrl_c_to_the_waiting_parent_during_setup(fde: Runner, tmp_path: Path) 
     images = qcow2_images(tmp_path, SETUP_IMAGES)
     pid_file = tmp_path / "fde.pid"
     waiting = fde.start("-dp", str(pid_file), *map(str, images))
-    tool, daemon = _detached_tool(waiting, tmp_path)
-    fde.track_pid(tool)
+    tool, daemon = _detached_tool(fde, waiting, tmp_path, pid_file)
     waiting.send_signal(signal.SIGINT)
 
     assert waiting.wait(timeout=30) != 0
