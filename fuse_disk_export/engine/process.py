@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -55,8 +54,7 @@ def reserve_descriptors(count: int) -> None:
     the table survives exec, and a table never shrinks.  Beyond RLIMIT_NOFILE, it grows as far
     as the limit lets it.
     """
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    highest = min(count, limit) - 1
+    highest = min(count, os.sysconf("SC_OPEN_MAX")) - 1  # RLIMIT_NOFILE, without `resource`
     if highest < _DEFAULT_TABLE:
         return
     with contextlib.suppress(OSError):

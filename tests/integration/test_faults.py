@@ -43,7 +43,16 @@ from tests.helpers.images import (
     qemu_io,
     sha256,
 )
-from tests.helpers.runner import Processes, Runner, end, pid_gone, wait_daemon_child, wait_for
+from tests.helpers.runner import (
+    Processes,
+    Runner,
+    children,
+    daemon_children,
+    end,
+    pid_gone,
+    wait_daemon_child,
+    wait_for,
+)
 from tests.helpers.units import MiB
 
 pytestmark = pytest.mark.faults
@@ -237,14 +246,6 @@ def test_sigterm_at_the_first_mount(fde: Runner, tmp_path: Path) -> None:
     unchanged(images)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except FileNotFoundError:
-        return []  # exited
-
-
 def _detached_tool(
     fde: Runner, waiting: subprocess.Popen[str], root: Path, pid_file: Path
 ) -> tuple[int, int]:
@@ -253,23 +254,15 @@ def _detached_tool(
     who serves the mount (every process's descriptors) takes longer than what is left of the
     setup."""
     wait_first_mount(root)
-    tools = _children(waiting.pid)
+    tools = children(waiting.pid)
     if len(tools) != 1 or waiting.poll() is not None:
         if pid_file.exists():
             fde.track_pid(int(pid_file.read_text()))
         pytest.fail("the setup was over before the signal could be sent")
     fde.track_pid(tools[0])
-    daemons = [c for c in _children(tools[0]) if _comm(c).startswith("qemu-st")]
+    daemons = daemon_children(tools[0])
     assert daemons, "no qemu-storage-daemon"
     return tools[0], daemons[0]
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return ""
 
 
 def test_sigterm_to_the_detached_process_during_setup(fde: Runner, tmp_path: Path) -> None:
