@@ -40,8 +40,8 @@ OPTIONS = {
 class Step(NamedTuple):
     """A command that adds something, and the image it is for (for errors).
 
-    Nothing is removed one by one: ``quit`` removes every export, then flushes and closes every
-    node, in that order.
+    Nothing is removed one by one: stopping the daemon (SIGTERM, as ``quit``) removes every
+    export, then flushes and closes every node, in that order.
     """
 
     image: str

@@ -2,7 +2,7 @@
 
 `bringup` brings the graph up without asyncio; this module takes the live daemon over through
 qemu.qmp (which reads the greeting `bringup` left waiting).  Whatever happens, `Session.serve` ends
-by unmounting a ``--mount-fs`` filesystem and stopping the daemon (``quit`` removes every export,
+by unmounting a ``--mount-fs`` filesystem and stopping the daemon (SIGTERM: it removes every export,
 then flushes and closes every node); `export.live`, around it, then checks /proc/self/mountinfo
 for every mount point of the graph (`bringup.terminate`).
 """
