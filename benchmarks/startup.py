@@ -21,6 +21,8 @@ COUNTS = (1, 8, 32, 128)
 #: fuse-disk-export; qemu-storage-daemon by hand with QEMU's defaults; and by hand but as safe.
 KINDS = ("fde", "qsd", "qsd-safe")
 SMALL_IMAGE = str(64 << 20)
+#: Seconds from live to SIGINT for the "after serving" revert.
+SETTLE = 1.0
 
 
 def _reps(ctx: Ctx, count: int) -> int:
@@ -40,8 +42,11 @@ def make_images(ctx: Ctx, count: int) -> list[str]:
     return images
 
 
-def _cycle(ctx: Ctx, kind: str, images: Sequence[str]) -> dict[str, float]:
-    """Bring ``images`` up with ``kind`` (one of `KINDS`), read peak RSS, SIGINT, time the stop."""
+def _cycle(
+    ctx: Ctx, kind: str, images: Sequence[str], *, settle: float = 0.0, watch_mounts: bool = True
+) -> dict[str, float]:
+    """Bring ``images`` up with ``kind`` (one of `KINDS`), read peak RSS, SIGINT (``settle``
+    seconds after live), time the stop (`targets.stop`)."""
     pid_file = ctx.path("run", f"{kind}-start.pid")
     if kind == "fde":
         live = start_fde(ctx, images, pid_file)
@@ -54,7 +59,9 @@ def _cycle(ctx: Ctx, kind: str, images: Sequence[str]) -> dict[str, float]:
     except Exception:
         stop(ctx, live)
         raise
-    met = stop(ctx, live)
+    if settle:
+        time.sleep(settle)  # the time a user serves: a measured pause, not a wait for anything
+    met = stop(ctx, live, watch_mounts=watch_mounts)
     out = {
         "live_ms": live.live_s * 1000,
         "exit_ms": met["exit"] * 1000,
@@ -91,6 +98,17 @@ def bench_start_stop(ctx: Ctx) -> dict[str, object]:
             for kind in order:
                 for key, value in _cycle(ctx, kind, images[n]).items():
                     rows[str(n)][kind].setdefault(key, []).append(value)
+    # The revert again, as a script sees it (waiting on the pid file, no mountinfo watcher): at
+    # once, and after serving for a moment (by then fuse-disk-export has QMP up, and reverts
+    # from its event loop).
+    n = counts[-1]
+    ctx.log(f"revert without a mountinfo watcher: {n} image(s) x {_reps(ctx, n)}")
+    for rep in range(_reps(ctx, n)):
+        order = KINDS[rep % 3 :] + KINDS[: rep % 3]
+        for kind in order:
+            for field, settle in (("quiet_now_ms", 0.0), ("quiet_settled_ms", SETTLE)):
+                met = _cycle(ctx, kind, images[n], settle=settle, watch_mounts=False)
+                rows[str(n)][kind].setdefault(field, []).append(met["clean_ms"])
     return {"counts": list(counts), "rows": rows}
 
 
