@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import NamedTuple, Protocol
 
 from fuse_disk_export import lazylog, mounts, stopsignals
+from fuse_disk_export.engine import wakeups
 from fuse_disk_export.engine.graph import BlockGraph
 from fuse_disk_export.engine.process import Spawned, describe_exit, qemu_error, spawn
 from fuse_disk_export.engine.versions import QemuVersion
@@ -251,10 +252,13 @@ def terminate(up: Up, graph: BlockGraph, timeout: float = 5.0) -> int:
     if process.poll() is None:
         pidfd = os.pidfd_open(process.pid)
         try:
-            process.send_signal(signal.SIGTERM)
-            if not select.select([pidfd], [], [], timeout)[0]:
-                log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
-                process.kill()
+            with wakeups.prompt():
+                process.send_signal(signal.SIGTERM)
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    log.warning(
+                        "qemu-storage-daemon (pid %d) did not stop; killing it", process.pid
+                    )
+                    process.kill()
         finally:
             os.close(pidfd)
     status = process.wait()
