@@ -54,8 +54,8 @@ START_ROWS = [
     ("live_ms", "start to live, {n} image{s} (ms)"),
     ("clean_ms", "SIGINT to unmounted + pid file gone, {n} image{s} (ms)"),
     ("exit_ms", "SIGINT to process exit, {n} image{s} (ms)"),
-    ("quiet_now_ms", "SIGINT to pid file gone, {n} image{s}, no mountinfo watcher (ms)"),
-    ("quiet_settled_ms", "the same, SIGINT 1 s after live, {n} image{s} (ms)"),
+    ("settled_ms", "unmounted + pid file gone, SIGINT 1 s after live, {n} image{s} (ms)"),
+    ("watched_ms", "unmounted + pid file gone, mountinfo watched (rounds 1-4), {n} image{s} (ms)"),
 ]
 
 
