@@ -45,18 +45,3 @@ def prompt() -> Iterator[None]:
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def current() -> int | None:
-    """The CPU latency the kernel grants now, in µs (what the device reads); None if unknown."""
-    try:
-        fd = os.open(DEVICE, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 4)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return int(struct.unpack("=i", data)[0]) if len(data) == 4 else None
