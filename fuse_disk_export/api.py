@@ -36,6 +36,7 @@ class ExportOptions(TypedDict, total=False):
     format: str | None
     partition: int | None
     snapshot: bool
+    overlay: PathLike | None
     load_snapshot: str | None
     backing: Backing
     passphrase: str | None
@@ -59,7 +60,7 @@ def _options(
     mountpoint_dir: PathLike | None,
     given: ExportOptions,
 ) -> Options:
-    paths = {"passphrase_file", "nbd_socket"}
+    paths = {"passphrase_file", "nbd_socket", "overlay"}
     return Options(
         images=tuple(os.fspath(i) for i in images),
         mountpoint=_path(mountpoint),

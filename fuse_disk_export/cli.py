@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="writes go to a temporary overlay, dropped on revert",
     )
     p.add_argument(
+        "--overlay",
+        metavar="FILE",
+        help="writes go to FILE, a qcow2 over the image (made if missing), kept; "
+        "the image is never written",
+    )
+    p.add_argument(
         "-l",
         "--load-snapshot",
         metavar="SNAPSHOT",
@@ -252,6 +258,7 @@ def options_from(args: argparse.Namespace) -> Options:
         partition=args.partition,
         nbd_socket=args.nbd_socket,
         snapshot=args.snapshot,
+        overlay=args.overlay,
         load_snapshot=args.load_snapshot,
         passphrase_file=args.passphrase_file,
         discard=cast(Discard, args.discard),

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from fuse_disk_export import detect, lazylog, mounts, state
 from fuse_disk_export.engine.graph import Backing, ImageSpec, Layer, Slice
 from fuse_disk_export.errors import BackingError, ImageError, MountError, UsageError
+from fuse_disk_export.formats.common import READ_ONLY_DRIVER
 
 log = lazylog.get(__name__)
 
@@ -50,6 +51,8 @@ class ImageOptions(NamedTuple):
     backing: Backing = "safe"
     #: Writes go to a temporary overlay: the image itself is opened read-only.
     snapshot: bool = False
+    #: Writes go to this qcow2 overlay of the image (absolute; made if missing), kept after.
+    overlay: str | None = None
     #: Export this internal snapshot (read-only) instead of the image's current state.
     load_snapshot: str | None = None
 
@@ -62,6 +65,8 @@ class Resolved(NamedTuple):
     chain: tuple[str, ...] = ()
     #: The mount point does not exist yet: create it before mounting, remove it after.
     creates_mountpoint: bool = False
+    #: ``spec.overlay`` does not exist yet: create it over the image, of this virtual size.
+    new_overlay_size: int | None = None
 
 
 def _serving_pid(path: str) -> int | None:
@@ -215,19 +220,45 @@ def _file_beside(ref: str, *, owner: str, kind: str) -> str:
     return path
 
 
-def _check_extents(image: str) -> None:
-    """Refuse a VMDK descriptor whose extents are anything but files beside it.
+def _check_extents(image: str) -> str:
+    """Refuse a VMDK descriptor whose extents are anything but files beside it; return why its
+    extents must not be written ("" where they may).
 
     QEMU opens every extent a descriptor names, absolute paths and devices included: for our
-    purposes an extent is an external data file.
+    purposes an extent is an external data file.  A sparse extent may be streamOptimized, which
+    only its own header tells.
     """
     try:
         extents = detect.vmdk_extent_files(image)
     except ImageError as e:
         raise BackingError(e.reason, path=image) from None
+    why_read_only = ""
     for ref in extents:
         path = _file_beside(ref, owner=image, kind="vmdk extent")
         log.info("%s: vmdk extent %r -> %s", image, ref, path)
+        try:
+            extent = detect.probe(path)
+        except ImageError:
+            continue  # QEMU says what is wrong with it when it opens it
+        if extent.format == "vmdk" and extent.read_only and not why_read_only:
+            why_read_only = f"its extent {ref!r}: {extent.read_only}"
+    return why_read_only
+
+
+def _why_read_only(path: str, fmt: str, info: detect.ImageInfo | None, backing: Backing) -> str:
+    """Why ``path`` must not be opened writable, or "": QEMU cannot write it, or cannot safely.
+
+    ``info`` is None where the user's -f overrides the probed format.
+    """
+    if fmt in READ_ONLY_FORMATS:
+        return READ_ONLY_DRIVER
+    if info is None:
+        return ""
+    if info.read_only:
+        return info.read_only
+    if fmt == "vmdk" and backing != "any":
+        return _check_extents(path)
+    return ""
 
 
 def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
@@ -268,6 +299,60 @@ def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
     return tuple(layers)
 
 
+def _check_overlay(path: str, image: str, fmt: str, size: int | None, *, read_only: bool) -> bool:
+    """Check that ``path`` can be ``image``'s overlay; return whether it must be created.
+
+    An existing file must be what we would have made: a qcow2 whose backing file is ``image``
+    (format pinned), of its size, holding its data itself, so that QEMU's own tools
+    (``qemu-img commit``, ``convert``) read the same disk from it after the revert.
+
+    :raise ImageError: it cannot be, and why.
+    """
+    what = "--overlay:"
+    if path == image:
+        raise UsageError("--overlay must be another file than the image", path=path)
+    if size is None:
+        raise ImageError(
+            f"--overlay needs the image's virtual size, which is not known for {fmt} images",
+            path=image,
+        )
+    check_not_mounted(path, what=what)
+    if not os.path.lexists(path):
+        if read_only:
+            raise ImageError(f"{what} no such file (-r reads an overlay made before)", path=path)
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ImageError(f"{what} cannot be created: its folder does not exist", path=path)
+        return True
+    _regular_file(path, what=what)
+    info = _probe(path, what=what)
+    if info.format != "qcow2" or info.backing_file is None:
+        raise ImageError(
+            f"{what} is a {info.format} image, not a qcow2 overlay of {image}", path=path
+        )
+    below = os.path.realpath(os.path.join(os.path.dirname(path), info.backing_file))
+    if below != image:
+        raise ImageError(
+            f"{what} is an overlay of {info.backing_file!r}, not of {image}", path=path
+        )
+    if info.backing_format != fmt:
+        raise ImageError(
+            f"{what} names its backing file's format as {info.backing_format or 'nothing'}, "
+            f"not {fmt}",
+            path=path,
+        )
+    if info.virtual_size != size:
+        raise ImageError(f"{what} is {info.virtual_size} bytes, but the image is {size}", path=path)
+    if info.encrypted or info.data_file is not None or info.read_only:
+        raise ImageError(
+            f"{what} is not a plain qcow2 overlay (encrypted, external data file or "
+            "marked corrupt)",
+            path=path,
+        )
+    if not read_only:
+        _check_writable(path)
+    return False
+
+
 def resolve(
     image: str,
     options: ImageOptions,
@@ -303,10 +388,18 @@ def resolve(
         if not read_only:
             log.info("%s: an internal snapshot is exported read-only", real)
             read_only = True
-    if (fmt in READ_ONLY_FORMATS or (info.read_only and probed)) and not read_only:
-        log.warning("%s: QEMU opens this %s image read-only; exporting read-only", real, fmt)
+    writes_elsewhere = options.snapshot or options.overlay is not None
+    why_read_only = _why_read_only(real, fmt, info if probed else None, backing)
+    if why_read_only and not read_only and not writes_elsewhere:
+        # Not refused: reading is what most users of such images want, and writes then fail
+        # with EROFS instead of reaching QEMU (README "Which images are written").
+        log.warning(
+            "%s: %s; exporting read-only (-s or --overlay FILE take writes without touching it)",
+            real,
+            why_read_only,
+        )
         read_only = True
-    opened_read_only = read_only or options.snapshot
+    opened_read_only = read_only or writes_elsewhere
     if not opened_read_only:
         _check_writable(real)
     chain: tuple[Layer, ...] = ()
@@ -316,8 +409,16 @@ def resolve(
             chain = _walk_chain(real, info)
         if backing != "any":
             data_file = _data_file(info, real)
-            if fmt == "vmdk":
-                _check_extents(real)
+    overlay, new_overlay_size = None, None
+    if options.overlay is not None:
+        if encrypted:
+            raise ImageError(
+                "is encrypted: --overlay would keep its writes unencrypted; refused", path=real
+            )
+        size = info.virtual_size if probed else os.path.getsize(real)
+        overlay = options.overlay
+        if _check_overlay(overlay, real, fmt, size, read_only=read_only):
+            new_overlay_size = size
     target = os.path.abspath(mountpoint) if mountpoint else real
     creates = target != real and _check_mountpoint(target)
     spec = ImageSpec(
@@ -329,8 +430,9 @@ def resolve(
         data_file=data_file,
         slice=slice,
         key_secret=SECRET_ID if encrypted else None,
+        overlay=overlay,
     )
-    return Resolved(spec, info, tuple(layer.path for layer in chain), creates)
+    return Resolved(spec, info, tuple(layer.path for layer in chain), creates, new_overlay_size)
 
 
 def resolve_all(images: Sequence[str], options: ImageOptions) -> list[Resolved]:

@@ -45,6 +45,8 @@ class Options(NamedTuple):
     partition: int | None = None
     nbd_socket: str | None = None
     snapshot: bool = False
+    #: A qcow2 overlay of the image (created if missing) that takes every write, kept.
+    overlay: str | None = None
     load_snapshot: str | None = None
     #: The passphrase's file (its first line), for LUKS images.
     passphrase_file: str | None = None
@@ -67,6 +69,7 @@ class Options(NamedTuple):
         return bool(
             self.partition is not None
             or self.snapshot
+            or self.overlay
             or self.mountpoint
             or self.mountpoint_dir
             or self.nbd_socket
@@ -104,6 +107,11 @@ def check(options: Options) -> None:
         raise UsageError("-m/--mountpoint takes one image; use --mountpoint-dir DIR for several")
     if options.snapshot and options.load_snapshot:
         raise UsageError("-l/--load-snapshot exports read-only; it cannot be used with --snapshot")
+    if options.overlay is not None:
+        if len(options.images) > 1:
+            raise UsageError("--overlay FILE takes one image")
+        if options.snapshot or options.load_snapshot:
+            raise UsageError("--overlay keeps the writes; it cannot be used with -s or -l")
     if options.partition is not None and options.load_snapshot:
         raise UsageError("-P/--partition cannot be combined with -l/--load-snapshot")
     if options.passphrase is not None and options.passphrase_file is not None:

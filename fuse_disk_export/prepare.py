@@ -1,10 +1,11 @@
 """Files and helper processes an export needs before its graph can be planned, and their removal.
 
-``--snapshot`` needs an empty temporary qcow2 to take the writes; ``--load-snapshot`` needs a
+``--snapshot`` needs an empty temporary qcow2 to take the writes, and ``--overlay FILE`` a FILE
+over the image when it does not exist yet; ``--load-snapshot`` needs a
 read-only qemu-nbd serving the internal snapshot (qemu-storage-daemon has no QMP command that
 loads one).  `prepare_images` makes them, hands back the specs that use them, and removes them
 whatever happens — the overlay is unlinked as soon as QEMU holds it open, so not even a SIGKILL
-leaves it.
+leaves it.  A FILE made for ``--overlay`` is removed only if the export never went live.
 """
 
 import contextlib
@@ -29,6 +30,8 @@ class ImageExtras(NamedTuple):
     overlay_size: int | None = None
     #: Internal snapshot to serve through qemu-nbd (``--load-snapshot``); None: the image itself.
     load_snapshot: str | None = None
+    #: ``--overlay FILE`` (the spec's overlay) is to be made, of this virtual size; None: no.
+    new_overlay_size: int | None = None
 
 
 class PreparedImages:
@@ -39,9 +42,13 @@ class PreparedImages:
         self.directory = directory
         self.overlays: list[str] = []
         self.servers: list[int] = []
+        #: ``--overlay`` files made here, removed unless the export goes live.
+        self.created: list[str] = []
 
     def forget_overlays(self) -> None:
-        """Unlink the overlays once QEMU has them open: nothing is left even after a SIGKILL."""
+        """Unlink the temporary overlays once QEMU has them open (nothing is left even after a
+        SIGKILL), and keep the ``--overlay`` files made: the export is live."""
+        self.created.clear()
         for path in self.overlays:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -73,6 +80,40 @@ def _create_overlay(directory: str, spec: ImageSpec, size: int) -> str:
             f"cannot create the temporary overlay: {result.stderr.strip()}", path=spec.image
         )
     return path
+
+
+def _create_user_overlay(spec: ImageSpec, size: int) -> None:
+    """Make ``--overlay FILE``: a qcow2 over the image, backing path absolute, format pinned, so
+    that QEMU's tools open the same disk from it after the revert (``qemu-img commit``)."""
+    assert spec.overlay is not None
+    image = spec.layers[0]
+    # Paths as whole arguments, absolute: qemu-img parses neither as options nor as "proto:".
+    # -u: the backing file is not opened (we probed it; it may be one QEMU cannot write).
+    result = subprocess.run(
+        [
+            _tool("qemu-img"),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            image.format,
+            "-b",
+            image.path,
+            spec.overlay,
+            str(size),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        with contextlib.suppress(OSError):
+            os.unlink(spec.overlay)
+        reason = result.stderr.strip().removeprefix("qemu-img: ")
+        raise ImageError(f"--overlay: cannot be created: {reason}", path=spec.overlay)
+    log.info("%s: made the overlay %s", spec.image, spec.overlay)
 
 
 def _serve_snapshot(directory: str, spec: ImageSpec, name: str) -> tuple[str, int]:
@@ -116,31 +157,42 @@ def _serve_snapshot(directory: str, spec: ImageSpec, name: str) -> tuple[str, in
 def prepare_images(
     specs: Sequence[ImageSpec], needs: Sequence[ImageExtras]
 ) -> Iterator[PreparedImages]:
-    """Specs with overlays and snapshot servers in place; everything removed on exit."""
-    if not any(n.overlay_size is not None or n.load_snapshot for n in needs):
-        yield PreparedImages(list(specs))
-        return
-    import tempfile
+    """Specs with overlays and snapshot servers in place; everything removed on exit (an
+    ``--overlay`` file made here only if the export never went live)."""
+    result = PreparedImages([])
 
-    with tempfile.TemporaryDirectory(
-        prefix="fuse-disk-export-", ignore_cleanup_errors=True
-    ) as directory:
-        result = PreparedImages([], directory)
-        try:
-            for spec, need in zip(specs, needs, strict=True):
-                if need.load_snapshot:
-                    socket_path, pid = _serve_snapshot(directory, spec, need.load_snapshot)
-                    result.servers.append(pid)
-                    spec = spec._replace(nbd_source=socket_path)
-                if need.overlay_size is not None:
-                    overlay = _create_overlay(directory, spec, need.overlay_size)
-                    result.overlays.append(overlay)
-                    spec = spec._replace(overlay=overlay)
-                result.specs.append(spec)
-            yield result
-        finally:
-            result.forget_overlays()
-            for pid in result.servers:
-                # Ours (its pid file says so); normally gone already with its one client.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+    def directory() -> str:
+        if not result.directory:
+            import tempfile  # only -s and -l pay for it
+
+            result.directory = tempfile.mkdtemp(prefix="fuse-disk-export-")
+        return result.directory
+
+    try:
+        for spec, need in zip(specs, needs, strict=True):
+            if need.new_overlay_size is not None:
+                _create_user_overlay(spec, need.new_overlay_size)
+                result.created.append(str(spec.overlay))
+            if need.load_snapshot:
+                socket_path, pid = _serve_snapshot(directory(), spec, need.load_snapshot)
+                result.servers.append(pid)
+                spec = spec._replace(nbd_source=socket_path)
+            if need.overlay_size is not None:
+                overlay = _create_overlay(directory(), spec, need.overlay_size)
+                result.overlays.append(overlay)
+                spec = spec._replace(overlay=overlay)
+            result.specs.append(spec)
+        yield result
+    finally:
+        for path in result.created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        result.forget_overlays()
+        for pid in result.servers:
+            # Ours (its pid file says so); normally gone already with its one client.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if result.directory:
+            import shutil
+
+            shutil.rmtree(result.directory, ignore_errors=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from fuse_disk_export import lazylog, mounts
 from fuse_disk_export import options as opts
-from fuse_disk_export.engine.graph import Tuning
+from fuse_disk_export.engine.graph import ImageSpec, Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
 from fuse_disk_export.export import ExportRequest, FsPlan
 from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
@@ -75,6 +75,7 @@ def _image_options(options: Options) -> ImageOptions:
         read_only=options.read_only,
         backing=options.backing,
         snapshot=options.snapshot,
+        overlay=os.path.abspath(options.overlay) if options.overlay else None,
         load_snapshot=options.load_snapshot,
     )
 
@@ -100,7 +101,7 @@ def _secrets(options: Options, images: list[Resolved], ask: AskPassphrase | None
 
 
 def _preparations(options: Options, images: list[Resolved]) -> list[ImageExtras]:
-    if not (options.snapshot or options.load_snapshot):
+    if not (options.snapshot or options.load_snapshot or options.overlay):
         return []
     needs = []
     for r in images:
@@ -114,8 +115,20 @@ def _preparations(options: Options, images: list[Resolved]) -> list[ImageExtras]
                     f"{r.info.format} images",
                     path=r.spec.image,
                 )
-        needs.append(ImageExtras(overlay_size=size, load_snapshot=options.load_snapshot))
+        needs.append(
+            ImageExtras(
+                overlay_size=size,
+                load_snapshot=options.load_snapshot,
+                new_overlay_size=r.new_overlay_size,
+            )
+        )
     return needs
+
+
+def _as_made(r: Resolved) -> ImageSpec:
+    """The spec whose disk a partition table is read from: an ``--overlay`` not made yet holds
+    nothing, and cannot be opened."""
+    return r.spec._replace(overlay=None) if r.new_overlay_size is not None else r.spec
 
 
 def _with_partitions(
@@ -123,7 +136,7 @@ def _with_partitions(
 ) -> list[Resolved]:
     from fuse_disk_export.table_reader import partition_slice, read_tables
 
-    tables = read_tables([r.spec for r in images], secrets)
+    tables = read_tables([_as_made(r) for r in images], secrets)
     return [
         r._replace(spec=r.spec._replace(slice=partition_slice(t, number, r.spec.image)))
         for r, t in zip(images, tables, strict=True)
@@ -216,7 +229,7 @@ def _with_filesystem(
     directory = os.path.abspath(options.mount_fs)
     fsmount.check_directory(directory)
     (r,) = images
-    (disk,) = read_disks([r.spec], secrets)
+    (disk,) = read_disks([_as_made(r)], secrets)
     number, fs = _choose(options, r.spec.image, disk)
     read_only = not r.spec.writable
     driver = DRIVERS[fs]

@@ -92,7 +92,8 @@ class ImageSpec(NamedTuple):
     slice: Slice | None = None
     #: QMP id of the secret object that unlocks the top layer (LUKS, or qcow2 with LUKS).
     key_secret: str | None = None
-    #: A temporary qcow2 (already created, empty) that takes every write (``--snapshot``).
+    #: A qcow2 that takes every write: temporary and empty (``--snapshot``), or the user's
+    #: (``--overlay FILE``).  Opened read-only where the export is.
     overlay: str | None = None
     #: Unix socket of a read-only NBD server standing in for ``layers`` (``--load-snapshot``).
     nbd_source: str | None = None
@@ -314,15 +315,17 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
         below = add(fmt)
     assert below is not None, "an image has at least one layer"
     if spec.overlay is not None:
-        # The temporary overlay's backing is the node already open, never a path: the image's
-        # own path is about to be mounted over.
-        overlay_file = add(_protocol_node(f"{prefix}-ovlfile", spec.overlay, False, tuning))
+        # The overlay's backing is the node already open, never a path: the image's own path
+        # is about to be mounted over.
+        read_only = not spec.writable
+        overlay_file = add(_protocol_node(f"{prefix}-ovlfile", spec.overlay, read_only, tuning))
         below = add(
             {
                 "driver": "qcow2",
                 "node-name": f"{prefix}-overlay",
                 "file": overlay_file,
                 "backing": below,
+                "read-only": read_only,
                 **_common(tuning),
             }
         )

@@ -6,7 +6,14 @@ import struct
 from typing import Final
 
 from fuse_disk_export.errors import ImageError
-from fuse_disk_export.formats.common import SECTOR, ImageInfo, Source, is_power_of_2, sectors_floor
+from fuse_disk_export.formats.common import (
+    READ_ONLY_DRIVER,
+    SECTOR,
+    ImageInfo,
+    Source,
+    is_power_of_2,
+    sectors_floor,
+)
 
 _BOCHS: Final = struct.Struct("<IIIII")  # version, header size, catalog, bitmap, extent at 64
 _BOCHS_V1: Final = 0x00010000
@@ -26,4 +33,4 @@ def parse(src: Source, head: bytes) -> ImageInfo:
         raise ImageError("bochs catalog is too small for the disk size")
     if header_size + catalog * 4 > src.size:
         raise src.past_end("bochs catalog")
-    return ImageInfo("bochs", disk, read_only=True)
+    return ImageInfo("bochs", disk, read_only=READ_ONLY_DRIVER)

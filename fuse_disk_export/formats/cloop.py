@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from fuse_disk_export.errors import ImageError
-from fuse_disk_export.formats.common import SECTOR, ImageInfo, Source
+from fuse_disk_export.formats.common import READ_ONLY_DRIVER, SECTOR, ImageInfo, Source
 
 
 def parse(src: Source, head: bytes) -> ImageInfo:
@@ -19,4 +19,4 @@ def parse(src: Source, head: bytes) -> ImageInfo:
     end = int.from_bytes(src.exact(136 + blocks * 8, 8, "cloop offsets table"), "big")
     if end > src.size:
         raise src.past_end("cloop compressed data")
-    return ImageInfo("cloop", blocks * block_size, read_only=True)
+    return ImageInfo("cloop", blocks * block_size, read_only=READ_ONLY_DRIVER)

@@ -22,8 +22,9 @@ class ImageInfo(NamedTuple):
     ``format`` is a QEMU driver name.  ``virtual_size`` is in bytes, the size QEMU will expose
     (whole sectors where QEMU counts sectors), or None where the header alone cannot tell.
     ``backing_file`` and ``data_file`` are the names exactly as stored (decoded losslessly with
-    `os.fsdecode`), not resolved.  ``read_only`` is True where QEMU can only open the image
-    read-only.
+    `os.fsdecode`), not resolved.  ``read_only`` says why the image must not be opened writable
+    (QEMU can only open it read-only, or a write through QEMU would damage it); empty where QEMU
+    writes it safely.
     """
 
     format: str
@@ -32,7 +33,11 @@ class ImageInfo(NamedTuple):
     backing_format: str | None = None
     encrypted: bool = False
     data_file: str | None = None
-    read_only: bool = False
+    read_only: str = ""
+
+
+#: `ImageInfo.read_only` of the formats QEMU has no write support for at all.
+READ_ONLY_DRIVER: Final = "QEMU's driver for this format is read-only"
 
 
 class ProbeLimitError(ImageError):

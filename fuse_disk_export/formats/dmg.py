@@ -6,7 +6,7 @@ import struct
 from typing import Final
 
 from fuse_disk_export.errors import ImageError
-from fuse_disk_export.formats.common import SECTOR, ImageInfo, Source
+from fuse_disk_export.formats.common import READ_ONLY_DRIVER, SECTOR, ImageInfo, Source
 
 _DMG: Final = struct.Struct(">4sIIIQQQQQ")  # the koly fields through the resource fork
 
@@ -28,4 +28,4 @@ def parse(src: Source, head: bytes) -> ImageInfo:
         raise ImageError("dmg sector count is invalid")
     if rsrc_len == 0 and xml_len == 0:
         raise ImageError("dmg image has neither a resource fork nor a property list")
-    return ImageInfo("dmg", sectors * SECTOR, read_only=True)
+    return ImageInfo("dmg", sectors * SECTOR, read_only=READ_ONLY_DRIVER)

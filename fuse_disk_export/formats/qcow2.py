@@ -94,7 +94,11 @@ def parse(src: Source, head: bytes) -> ImageInfo:
         backing_format=ext.backing_format if backing else None,
         encrypted=h.crypt_method != 0,
         data_file=data_file,
-        read_only=bool(h.incompatible & _QCOW2_INCOMPAT_CORRUPT),
+        read_only=(
+            "it is marked corrupt, and QEMU opens it read-only (qemu-img check -r all repairs it)"
+            if h.incompatible & _QCOW2_INCOMPAT_CORRUPT
+            else ""
+        ),
     )
 
 

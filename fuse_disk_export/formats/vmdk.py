@@ -27,6 +27,12 @@ _DESC_LIMIT: Final = 64 * 1024  # vmdk descriptor text we read (QEMU reads up to
 _VMDK_DESC_SIZE: Final = 20 * SECTOR  # where QEMU looks for parentFileNameHint
 
 
+#: Why a streamOptimized vmdk is never opened writable (`_sparse_read_only`).
+STREAM_OPTIMIZED: Final = (
+    "it is a streamOptimized vmdk: QEMU can only append to it, and a refused write "
+    "leaves it unreadable"
+)
+
 _VMDK4: Final = struct.Struct("<IIQQQQIQQQc4sH")  # after the magic, 75 bytes
 _VMDK_GD_AT_END: Final = 0xFFFFFFFFFFFFFFFF
 _VMDK_FLAG_RGD: Final = 1 << 1
@@ -59,9 +65,9 @@ def parse_sparse(src: Source, head: bytes) -> ImageInfo:
     capacity, desc_off = fields[2], fields[4]
     if capacity == 0 and desc_off:
         # A header that only points at a descriptor: the extents are elsewhere.
-        info = _vmdk_descriptor_info(src, desc_off * SECTOR)
+        size, read_only = _vmdk_descriptor_info(src, desc_off * SECTOR)
         parent = _vmdk_parent(src, 0x200)
-        return ImageInfo("vmdk", info, parent, "vmdk" if parent else None)
+        return ImageInfo("vmdk", size, parent, "vmdk" if parent else None, read_only=read_only)
     if fields[8] == _VMDK_GD_AT_END:
         fields = _vmdk_stream_footer(src)
     version, flags, capacity, grain, _, _, gtes, rgd_off, gd_off, grain_off, _, _, compress = fields
@@ -89,8 +95,19 @@ def parse_sparse(src: Source, head: bytes) -> ImageInfo:
         capacity * SECTOR,
         backing_file=parent,
         backing_format="vmdk" if parent else None,
-        read_only=version == 3 and not compressed,
+        read_only=_sparse_read_only(version, compressed),
     )
+
+
+def _sparse_read_only(version: int, compressed: bool) -> str:
+    if compressed:
+        # QEMU appends compressed grains and refuses a write to one already there; after such a
+        # refused write a VMware-made image no longer opened ("Invalid footer": QEMU 7.2, 10.0
+        # and 11.1), so no write may reach one.
+        return STREAM_OPTIMIZED
+    if version == 3:
+        return "it is a version 3 sparse vmdk, which QEMU opens read-only"
+    return ""
 
 
 def _vmdk_stream_footer(src: Source) -> tuple[int, ...]:
@@ -125,14 +142,18 @@ def _parse_vmdk3(src: Source, data: bytes) -> ImageInfo:
 
 
 def parse_text(src: Source, head: bytes) -> ImageInfo:
-    """A VMDK descriptor file (monolithicFlat, twoGbMaxExtent*, vmfs...)."""
-    size = _vmdk_descriptor_info(src, 0)
+    """A VMDK descriptor file (monolithicFlat, twoGbMaxExtent*, vmfs...).
+
+    Whether its extents can be written is told by probing each of them (`extent_files`).
+    """
+    size, read_only = _vmdk_descriptor_info(src, 0)
     parent = _vmdk_parent(src, 0)
-    return ImageInfo("vmdk", size, parent, "vmdk" if parent else None)
+    return ImageInfo("vmdk", size, parent, "vmdk" if parent else None, read_only=read_only)
 
 
-def _vmdk_descriptor_info(src: Source, offset: int) -> int | None:
-    """The virtual size a descriptor's extents add up to (QEMU's vmdk_open_desc_file).
+def _vmdk_descriptor_info(src: Source, offset: int) -> tuple[int | None, str]:
+    """The virtual size a descriptor's extents add up to (QEMU's vmdk_open_desc_file), and why
+    it must stay read-only (an seSparse extent, which QEMU cannot write), or "".
 
     Only the first `_DESC_LIMIT` bytes are read; for a longer descriptor the size is unknown.
     """
@@ -145,9 +166,14 @@ def _vmdk_descriptor_info(src: Source, offset: int) -> int | None:
     if create_type not in _VMDK_DESC_TYPES:
         raise ImageError(f"unsupported vmdk createType {create_type!r}")
     sectors = 0
+    se_sparse = create_type == "seSparse"
     for line in desc.split(b"\n"):
-        sectors += _vmdk_extent_sectors(line)
-    return None if cut else sectors * SECTOR
+        added = _vmdk_extent_sectors(line)
+        sectors += added
+        m = _VMDK_EXTENT.match(line) if added else None
+        se_sparse = se_sparse or (m is not None and m.group(3) == b"SESPARSE")
+    read_only = "it has seSparse extents, which QEMU opens read-only" if se_sparse else ""
+    return (None if cut else sectors * SECTOR), read_only
 
 
 def _vmdk_extent_sectors(line: bytes) -> int:

@@ -17,7 +17,8 @@ import pytest
 from fuse_disk_export import detect
 from fuse_disk_export.detect import MAX_PROBE_BYTES, ImageInfo, probe, probe_reader
 from fuse_disk_export.errors import ImageError
-from fuse_disk_export.formats.common import Source
+from fuse_disk_export.formats.common import READ_ONLY_DRIVER, Source
+from fuse_disk_export.formats.vmdk import STREAM_OPTIMIZED
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -278,13 +279,17 @@ def vpc_fixed(*, size: int = MiB) -> bytes:
 
 
 def parallels(
-    *, sectors: int = 128 * KiB, magic: bytes = b"WithouFreSpacExt", inuse: int = 0
+    *,
+    sectors: int = 128 * KiB,
+    magic: bytes = b"WithouFreSpacExt",
+    inuse: int = 0,
+    ext_off: int = 0,
 ) -> bytes:
     tracks = 2048
     entries = -(-sectors // tracks)
     data_off = -(-(64 + entries * 4) // 512)
     header = struct.pack(
-        "<16sIIIIIQIIIQ", magic, 2, 16, 1, tracks, entries, sectors, inuse, data_off, 0, 0
+        "<16sIIIIIQIIIQ", magic, 2, 16, 1, tracks, entries, sectors, inuse, data_off, 0, ext_off
     )
     return header + bytes(data_off * 512 - 64)
 
@@ -454,13 +459,13 @@ VALID: dict[str, tuple[Callable[[], bytes], ImageInfo]] = {
     "parallels": (parallels, ImageInfo("parallels", 64 * MiB)),
     "luks": (luks1, ImageInfo("luks", 64 * KiB, encrypted=True)),
     "luks2": (luks2, ImageInfo("luks", None, encrypted=True)),
-    "bochs": (bochs, ImageInfo("bochs", 16 * MiB, read_only=True)),
-    "cloop": (cloop, ImageInfo("cloop", 256 * KiB, read_only=True)),
-    "dmg": (dmg, ImageInfo("dmg", MiB, read_only=True)),
+    "bochs": (bochs, ImageInfo("bochs", 16 * MiB, read_only=READ_ONLY_DRIVER)),
+    "cloop": (cloop, ImageInfo("cloop", 256 * KiB, read_only=READ_ONLY_DRIVER)),
+    "dmg": (dmg, ImageInfo("dmg", MiB, read_only=READ_ONLY_DRIVER)),
     "vmdk": (vmdk_sparse, ImageInfo("vmdk", 64 * MiB)),
     "vmdk-stream": (
         lambda: vmdk_sparse(version=3, compress=1, gd_at_end=True),
-        ImageInfo("vmdk", 64 * MiB),
+        ImageInfo("vmdk", 64 * MiB, read_only=STREAM_OPTIMIZED),
     ),
     "vmdk-parent": (
         lambda: vmdk_sparse(parent=b"base.vmdk"),
@@ -563,12 +568,18 @@ def test_parallels_not_closed_cleanly_is_read_only() -> None:
     assert run(parallels(inuse=0x746F6E59)).read_only
 
 
+def test_parallels_with_format_extension_is_not_written() -> None:
+    # QEMU ignores the extension when writing and truncated it away (parallels-with-bitmap).
+    assert "format extension" in run(parallels(ext_off=1)).read_only
+    assert not run(parallels()).read_only
+
+
 def test_parallels_wrong_version_is_raw() -> None:
     assert run(put(parallels(), 16, "<I", 3)).format == "raw"
 
 
 def test_bochs_version_1() -> None:
-    assert run(bochs(version=0x10000)) == ImageInfo("bochs", 16 * MiB, read_only=True)
+    assert run(bochs(version=0x10000)) == ImageInfo("bochs", 16 * MiB, read_only=READ_ONLY_DRIVER)
 
 
 def test_bochs_wrong_subtype_is_raw() -> None:
@@ -582,8 +593,22 @@ def test_luks_unknown_version_is_raw() -> None:
 
 
 def test_vmdk_version_3_uncompressed_is_read_only() -> None:
-    assert run(vmdk_sparse(version=3)).read_only
-    assert not run(vmdk_sparse(version=3, compress=1)).read_only
+    assert "version 3" in run(vmdk_sparse(version=3)).read_only
+
+
+def test_vmdk_stream_optimized_is_never_written() -> None:
+    # QEMU opens it writable, but a refused write to a VMware-made one leaves it unreadable.
+    assert run(vmdk_sparse(compress=1)).read_only == STREAM_OPTIMIZED
+    assert run(vmdk_sparse(version=3, compress=1)).read_only == STREAM_OPTIMIZED
+    assert not run(vmdk_sparse()).read_only
+
+
+def test_vmdk_se_sparse_descriptor_is_read_only() -> None:
+    desc = (
+        b'# Disk DescriptorFile\nversion=1\ncreateType="seSparse"\n'
+        b'RW 131072 SESPARSE "d-sesparse.vmdk"\n'
+    )
+    assert "seSparse" in run(desc).read_only
 
 
 def test_vmdk_descriptor_sums_rw_extents_only() -> None:
