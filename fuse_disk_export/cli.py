@@ -34,7 +34,6 @@ examples:
   fuse-disk-export -dp fde.pid foo.qcow2   # returns once live; fde.pid holds the daemon's pid
   parted foo.qcow2 print                   # foo.qcow2 now reads as a raw disk
   kill -SIGINT $(cat fde.pid)              # reverted: foo.qcow2 is a qcow2 again, fde.pid gone
-  fuse-disk-export -r a.qcow2 b.vmdk c.vdi # several images, one qemu-storage-daemon, read-only
 
 Images a guest could write to may be hostile: see the README's security note.
 """
@@ -156,13 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-s",
         "--snapshot",
         action="store_true",
-        help="writes go to a temporary overlay, dropped on revert",
+        help="writes go to a temporary overlay (dropped)",
     )
     p.add_argument(
         "--overlay",
         metavar="FILE",
-        help="writes go to FILE, a qcow2 over the image (made if missing), kept; "
-        "the image is never written",
+        help="writes go to FILE, a kept qcow2 over the image (made if missing)",
     )
     p.add_argument(
         "-l",

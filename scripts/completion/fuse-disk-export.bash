@@ -25,7 +25,7 @@ _fuse_disk_export() {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]}
     local opts="-h --help -d --daemonize -p --pid-file -r --read-only -f --format --backing
         --allow-other -m --mountpoint --mountpoint-dir -P --partition --list-partitions
-        --mount-fs --fs-type --nbd-socket -s --snapshot -l --load-snapshot --passphrase-file
+        --mount-fs --fs-type --nbd-socket -s --snapshot --overlay -l --load-snapshot --passphrase-file
         --discard --detect-zeroes
         --cache --aio --no-write-guard --log-file --list --json --stop -q --quiet -v --verbose
         --version"
@@ -45,7 +45,7 @@ _fuse_disk_export() {
             mapfile -t COMPREPLY < <(compgen -W "raw qcow2 qcow vmdk vdi vhdx vpc qed parallels
                 luks dmg bochs cloop" -- "$cur")
             return ;;
-        -p | --pid-file | --log-file | -m | --mountpoint | --passphrase-file | --nbd-socket)
+        -p | --pid-file | --log-file | -m | --mountpoint | --passphrase-file | --nbd-socket | --overlay)
             mapfile -t COMPREPLY < <(compgen -f -- "$cur"); return ;;
         --mountpoint-dir | --mount-fs) mapfile -t COMPREPLY < <(compgen -d -- "$cur"); return ;;
         --fs-type)
