@@ -219,3 +219,23 @@ def test_descriptors_the_daemon_holds() -> None:
     chain = spec(layers=(Layer("/img/a.qcow2", "qcow2"), Layer("/img/base.qcow2", "qcow2", True)))
     assert plan([chain]).descriptors() == 3
     assert plan([spec()], Tuning(nbd_socket="/x.sock")).descriptors() == 3
+
+
+def test_overlay_takes_the_writes_over_the_open_image_node() -> None:
+    image = Layer("/i/v.vmdk", "vmdk", read_only=True)
+    graph = plan([spec("/i/v.vmdk", layers=(image,), overlay="/i/w.qcow2")])
+    adds = [s.do.args for s in graph.phases[0]]
+    by_name = {a["node-name"]: a for a in adds}
+    top = adds[-1]
+    assert top["driver"] == "qcow2" and top["read-only"] is False
+    assert by_name[top["file"]]["filename"] == "/i/w.qcow2"
+    # The backing is the node already open, never the image's path (about to be mounted over).
+    below = by_name[top["backing"]]
+    assert below["driver"] == "vmdk" and below["read-only"] is True
+    assert graph.phases[1][0].do.args["node-name"] == top["node-name"]
+
+
+def test_read_only_export_opens_its_overlay_read_only() -> None:
+    image = Layer("/i/v.vmdk", "vmdk", read_only=True)
+    graph = plan([spec("/i/v.vmdk", layers=(image,), overlay="/i/w.qcow2", writable=False)])
+    assert all(s.do.args["read-only"] is True for s in graph.phases[0])

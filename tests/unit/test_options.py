@@ -1,0 +1,27 @@
+"""The combinations of options refused before anything is looked at."""
+
+from __future__ import annotations
+
+import pytest
+
+from fuse_disk_export.errors import UsageError
+from fuse_disk_export.options import Options, check
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (Options(("a.vmdk", "b.vmdk"), overlay="w.qcow2"), "one image"),
+        (Options(("a.vmdk",), overlay="w.qcow2", snapshot=True), "-s or -l"),
+        (Options(("a.qcow2",), overlay="w.qcow2", load_snapshot="s1"), "-s or -l"),
+    ],
+)
+def test_overlay_refusals(options: Options, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        check(options)
+
+
+def test_overlay_alone_or_read_only_is_fine() -> None:
+    check(Options(("a.vmdk",), overlay="w.qcow2"))
+    check(Options(("a.vmdk",), overlay="w.qcow2", read_only=True, partition=1))
+    assert Options(("a.vmdk",), overlay="w.qcow2").changes_view
