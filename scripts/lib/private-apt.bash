@@ -1,6 +1,6 @@
 # Sourced by scripts/qemu-fetch and scripts/samples-fetch: apt on a private folder, nothing
 # system-wide touched.  `private_apt DIR TYPE SUITE` writes DIR's sources for SUITE of the
-# machine's own mirror (TYPE deb or deb-src), sets the array apt_opts that points apt-get and
+# machine's own mirror (TYPE deb or deb-src; SUITE may be several), sets the array apt_opts that points apt-get and
 # apt-cache at DIR, and runs apt-get update there.  The caller defines say and die.
 
 # The mirror: URIs of the system's entry for $codename (deb822 .sources first, then one-line lists).
@@ -42,9 +42,11 @@ read_sources() {  # uses $codename
   done
 }
 
-# private_apt DIR TYPE SUITE
+# private_apt DIR TYPE SUITE...
 private_apt() {
-  local dir=$1 type=$2 suite=$3 uri key from out
+  local dir=$1 type=$2 uri key from out
+  shift 2
+  local suite="$*"
   command -v apt-get >/dev/null || die "apt-get is needed (a Debian machine)"
   codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
   [[ -n $codename ]] || die "no VERSION_CODENAME in /etc/os-release"
@@ -63,7 +65,7 @@ private_apt() {
     echo "Components: main"
     # A key file the system's entry names; an inline key or none: apt's usual keyrings.
     if [[ ${key:-} == /* && -r ${key:-} ]]; then echo "Signed-By: $key"; fi
-  } >"$dir/sources.list.d/$suite.sources"
+  } >"$dir/sources.list.d/private.sources"
   apt_opts=(
     -o "Dir::Etc::sourcelist=/dev/null"
     -o "Dir::Etc::sourceparts=$dir/sources.list.d"

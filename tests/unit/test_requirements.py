@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = ROOT / "scripts" / "test-requirements"
 PYTHON_SOURCES = ("tests", "fuse_disk_export", "benchmarks")
 SHELL_SOURCES = ("scripts/demo", "scripts/bench")
+# Commands that only the fetch scripts run (arrays and functions this reader does not follow),
+# listed here with the script that must name them, so that they too stay in step.
+FETCH_ONLY = {"patchelf": "scripts/qemu-fetch"}
 
 COMMAND = re.compile(r"[A-Za-z0-9][\w.+-]*\Z")
 DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+\Z")
@@ -229,7 +232,11 @@ def scan(python: Iterable[Path], shell: Iterable[Path]) -> Found:
 
 def scan_project() -> Found:
     python = sorted(p for d in PYTHON_SOURCES for p in (ROOT / d).rglob("*.py"))
-    return scan(python, [ROOT / s for s in SHELL_SOURCES])
+    found = scan(python, [ROOT / s for s in SHELL_SOURCES])
+    for command, script in FETCH_ONLY.items():
+        if re.search(rf"^\s*{re.escape(command)}\s", (ROOT / script).read_text(), re.M):
+            found.setdefault(command, []).append(script)
+    return found
 
 
 def test_requirements_file_is_well_formed() -> None:
