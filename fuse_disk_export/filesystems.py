@@ -11,8 +11,6 @@ before it takes a sector that ends in 55 AA for a partition table: a FAT or NTFS
 record (a USB stick formatted whole) ends in 55 AA too.
 """
 
-from __future__ import annotations
-
 import struct
 import zlib
 from collections.abc import Callable
