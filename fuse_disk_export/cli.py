@@ -25,6 +25,10 @@ from fuse_disk_export.options import (
     Options,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # table_reader loads only with --list-partitions
+    from fuse_disk_export.table_reader import Disk
+
 PROG = "fuse-disk-export"
 USAGE = "%(prog)s [options] IMAGE...\n       %(prog)s --list [--json] | --stop PATH|PID..."
 
@@ -279,19 +283,36 @@ def _ask_passphrase(images: Sequence[str]) -> str:
         return getpass.getpass(f"Passphrase for {', '.join(images)}: ")
 
 
+def _title(image: str, disk: Disk) -> str:
+    """The listing's first line: the table, or what the disk holds without one."""
+    scheme = disk.table.scheme
+    if disk.table.partitions or disk.whole is None:
+        kind = f"{scheme.upper()} partition table" if scheme != "none" else "no partition table"
+        return f"{image}: {kind}"
+    # A filesystem (or LUKS, LVM, swap) on the whole disk: say so, rather than "no partitions".
+    if scheme == "none":
+        return f"{image}: no partition table; the whole disk holds {disk.whole}"
+    return f"{image}: {scheme.upper()} with no partitions; the whole disk holds {disk.whole}"
+
+
 def _print_tables(options: Options) -> int:
     from fuse_disk_export.partitions import TABLE_HEADINGS, format_table
     from fuse_disk_export.request import partition_tables
 
-    for image, table in partition_tables(options, ask_passphrase=_ask_passphrase):
-        rows = format_table(table)
-        scheme = table.scheme.upper() if table.scheme != "none" else "no"
-        title = f"{image}: {scheme} partition table"
-        if sys.stdout.isatty():
+    headings = (*TABLE_HEADINGS, "content")
+    for image, disk in partition_tables(options, ask_passphrase=_ask_passphrase):
+        rows = [
+            (*row, disk.filesystems.get(p.number) or "-")
+            for row, p in zip(format_table(disk.table), disk.table.partitions, strict=True)
+        ]
+        title = _title(image, disk)
+        if not rows:
+            print(title)
+        elif sys.stdout.isatty():
             from rich.console import Console
             from rich.table import Table
 
-            view = Table(*TABLE_HEADINGS, title=title)
+            view = Table(*headings, title=title)
             for row in rows:
                 view.add_row(*row)
             Console().print(view)
@@ -299,7 +320,7 @@ def _print_tables(options: Options) -> int:
             from fuse_disk_export.columns import plain_columns
 
             print(title)
-            print(plain_columns([TABLE_HEADINGS, *rows]), end="")
+            print(plain_columns([headings, *rows]), end="")
     return 0
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from fuse_disk_export.bounded import BoundedReader, OverBudget, PastEnd, ReadFailed, ShortRead
 from fuse_disk_export.errors import PartitionError
+from fuse_disk_export.filesystems import is_fat_boot_sector, is_ntfs_boot_sector, lvm2_label
 
 __all__ = [
     "MAX_GPT_ENTRIES",
@@ -59,6 +60,7 @@ _MBR_ENTRIES_OFFSET = 446
 # status, CHS first, type, CHS last, first LBA, number of sectors
 _MBR_ENTRY = struct.Struct("<B3sB3sII")
 _PROTECTIVE = 0xEE
+_AIX_MAGIC = b"\xc9\xc2\xd4\xc1"
 _EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
 
 _GPT_SIGNATURE = b"EFI PART"
@@ -131,7 +133,9 @@ def read_table(
         `MAX_TABLE_BYTES` in all. An `OSError` it raises becomes a `PartitionError`.
     :param disk_size: size of the disk in bytes.
     :param sector_size: logical sector size the table's LBAs count in.
-    :returns: the table; scheme ``"none"`` with no partitions when there is no MBR signature.
+    :returns: the table; scheme ``"none"`` with no partitions when there is no MBR signature, or
+        when sector 0 is a FAT or NTFS volume boot record rather than an MBR (see
+        `_not_a_table`).
     :raises PartitionError: the table is malformed, inconsistent, or cannot be read.
     :raises ValueError: `sector_size` or `disk_size` is not a sensible value (a caller bug).
     """
@@ -150,6 +154,8 @@ def read_table(
     if any(entry.type == _PROTECTIVE for entry in entries):
         partitions = _read_gpt(reader, disk_size, sector_size)
         scheme = "gpt"
+    elif _not_a_table(read, disk_size, mbr, entries):
+        return none
     else:
         partitions = _read_mbr(reader, entries, disk_size, sector_size)
         scheme = "mbr"
@@ -217,9 +223,30 @@ def _mbr_entries(sector: bytes) -> list[_MbrEntry] | None:
         entries.append(_MbrEntry(status, type_, lba, sectors))
     # A filesystem boot sector (a FAT "superfloppy") also ends in 55 AA, but has code or text where
     # the entries would be; like Linux, take a status byte other than 0x00/0x80 to mean "no table".
+    # Those with zeros there (mkfs.fat's, mkntfs's) are told apart by `_not_a_table`.
     if any(entry.status not in (0x00, 0x80) for entry in entries):
         return None
     return entries
+
+
+def _not_a_table(
+    read: Callable[[int, int], bytes], disk_size: int, sector: bytes, entries: list[_MbrEntry]
+) -> bool:
+    """Whether sector 0, which passed the status byte test, is something else ending in 55 AA.
+
+    The same exceptions, in the same order, as libblkid's MBR prober (``blkid -p`` is the
+    reference; fdisk and sfdisk take such a sector for an empty "dos" table): an AIX disk, a FAT
+    or NTFS volume boot record (a disk formatted whole, without a table), and an LVM physical
+    volume behind an MBR with no partitions.  Each reads a few bytes more, within its own bound.
+    """
+    if sector[:4] == _AIX_MAGIC:
+        return True
+    try:
+        if is_fat_boot_sector(sector) or is_ntfs_boot_sector(sector, read, disk_size):
+            return True
+        return not any(entry.used for entry in entries) and lvm2_label(read, disk_size)
+    except OSError as e:
+        raise PartitionError(f"MBR: cannot read the disk: {e.strerror or e}") from e
 
 
 def _read_mbr(

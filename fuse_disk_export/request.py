@@ -23,7 +23,6 @@ from fuse_disk_export.prepare import ImageExtras
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # partitions and table_reader load only with -P, --mount-fs or --list-partitions
-    from fuse_disk_export.partitions import PartitionTable
     from fuse_disk_export.table_reader import Disk
 
 log = lazylog.get(__name__)
@@ -172,43 +171,65 @@ def _resolve(options: Options) -> list[Resolved]:
 
 def _describe(disk: Disk) -> str:
     return ", ".join(
-        f"{p.number}: {disk.filesystems.get(p.number) or 'no filesystem recognised'}"
+        f"{p.number}: {disk.filesystems.get(p.number) or 'nothing recognised'}"
         for p in disk.table.partitions
     )
 
 
 def _choose(options: Options, image: str, disk: Disk) -> tuple[int | None, str]:
-    """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts."""
-    from fuse_disk_export.filesystems import DRIVERS, FS_TYPES
+    """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts.
+
+    Every refusal says what was found and what to try.
+    """
+    from fuse_disk_export.filesystems import DRIVERS, FAMILIES, FS_TYPES
 
     forced = FS_TYPES[options.fs_type] if options.fs_type else None
+    types = ", ".join(sorted(FS_TYPES))
     if options.partition is not None:
         disk.table.get(options.partition)  # PartitionError, listing those there are
         number: int | None = options.partition
         found = disk.filesystems.get(options.partition)
-    elif disk.table.scheme == "none":
+    elif not disk.table.partitions:
         number, found = None, disk.whole
     else:
         with_fs = [n for n, fs in disk.filesystems.items() if fs is not None]
-        if len(with_fs) != 1:
+        if len(with_fs) == 1:
+            number = with_fs[0]
+            found = disk.filesystems[number]
+        elif with_fs:
             raise UsageError(
-                f"{len(with_fs) or 'no'} partitions hold a filesystem we recognise; choose "
-                f"one with -P N ({_describe(disk) or 'no partitions'})",
+                f"{len(with_fs)} partitions hold a filesystem ({_describe(disk)}); "
+                "choose one with -P N",
                 path=image,
             )
-        number = with_fs[0]
-        found = disk.filesystems[number]
-    fs = forced or found
-    where = f"partition {number}" if number is not None else "the disk"
-    if fs is None:
+        elif forced is None:
+            raise ImageError(
+                f"no partition holds a filesystem we recognise ({_describe(disk)}); "
+                f"choose one with -P N and give its type with --fs-type ({types})",
+                path=image,
+            )
+        else:
+            raise UsageError(
+                f"no partition holds a filesystem we recognise ({_describe(disk)}); "
+                f"choose the one that holds {options.fs_type} with -P N",
+                path=image,
+            )
+    fs = forced or (FAMILIES[found] if found else None)
+    if number is not None:
+        where = f"partition {number}"
+    elif disk.table.scheme == "none":
+        where = "the disk (no partition table)"
+    else:
+        where = f"the disk (an {disk.table.scheme.upper()} with no partitions)"
+    if fs is None and found is None:
         raise ImageError(
-            f"no filesystem recognised on {where}; give --fs-type ({', '.join(sorted(FS_TYPES))})",
+            f"no filesystem recognised on {where}; give --fs-type ({types}) to try a driver anyway",
             path=image,
         )
-    if fs not in DRIVERS:
+    if fs is None or fs not in DRIVERS:
         raise UsageError(
-            f"{where} holds {fs}, for which no userspace driver stays our child "
-            f"(supported: {', '.join(sorted(DRIVERS))})",
+            f"{where} holds {found}, which none of our userspace drivers serves "
+            f"(they serve: {', '.join(sorted(DRIVERS))}); export it without --mount-fs",
             path=image,
         )
     return number, fs
@@ -297,13 +318,14 @@ def build_request(
 
 def partition_tables(
     options: Options, *, ask_passphrase: AskPassphrase | None = None
-) -> list[tuple[str, PartitionTable]]:
-    """Each image's partition table (``--list-partitions``); nothing is exported."""
-    from fuse_disk_export.table_reader import read_tables
+) -> list[tuple[str, Disk]]:
+    """Each image's partition table and what its partitions (or the whole disk) hold
+    (``--list-partitions``); nothing is exported."""
+    from fuse_disk_export.table_reader import read_disks
 
     opts.check(options)
     _preflight()
     image_options = _image_options(options)._replace(read_only=True)
     images = [resolve(image, image_options) for image in options.images]
-    tables = read_tables([r.spec for r in images], _secrets(options, images, ask_passphrase))
-    return [(r.spec.image, t) for r, t in zip(images, tables, strict=True)]
+    disks = read_disks([r.spec for r in images], _secrets(options, images, ask_passphrase))
+    return [(r.spec.image, d) for r, d in zip(images, disks, strict=True)]

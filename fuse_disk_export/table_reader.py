@@ -15,7 +15,7 @@ from typing import NamedTuple
 from fuse_disk_export.engine.bringup import bring_up, secret_files, terminate
 from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, plan
 from fuse_disk_export.errors import PartitionError
-from fuse_disk_export.filesystems import PROBE_BYTES, Read, probe
+from fuse_disk_export.filesystems import Read, identify
 from fuse_disk_export.partitions import PartitionTable, read_table
 
 
@@ -43,9 +43,11 @@ class Disk(NamedTuple):
     """A virtual disk's table, and the filesystem of each partition and of the whole disk."""
 
     table: PartitionTable
-    #: Partition number -> filesystem ("ext", "ntfs", ...) or None where none was recognised.
+    #: Partition number -> what ``blkid -p`` would call its content ("ext4", "vfat", ...; see
+    #: `filesystems.identify`), or None where nothing was recognised.
     filesystems: dict[int, str | None]
-    #: The filesystem at the start of the disk itself (a disk with no partition table).
+    #: What the disk itself holds at its start when no partition does (a disk formatted whole,
+    #: without a table, or behind an MBR that lists no partitions): None otherwise.
     whole: str | None
 
 
@@ -55,18 +57,28 @@ def _filesystems(path: str, table: PartitionTable) -> tuple[dict[int, str | None
 
         def at(base: int, limit: int) -> Read:
             def read(offset: int, length: int) -> bytes:
-                length = max(0, min(length, PROBE_BYTES - offset, limit - offset))
+                length = max(0, min(length, limit - offset))
                 return os.pread(fd, length, base + offset) if length else b""
 
             return read
 
         size = os.fstat(fd).st_size
-        found = {p.number: probe(at(p.start, p.size)) for p in table.partitions}
-        return found, probe(at(0, size)) if table.scheme == "none" else None
+        found = {p.number: identify(at(p.start, p.size), p.size) for p in table.partitions}
+        return found, identify(at(0, size), size) if not table.partitions else None
+
+
+def probe_disk(path: str, image: str | None = None) -> Disk:
+    """The table of the raw disk at ``path`` and what it holds (``image``: the name errors give).
+
+    :raise PartitionError: the table is malformed.
+    """
+    table = _read(path, image or path)
+    return Disk(table, *_filesystems(path, table))
 
 
 def read_disks(specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None = None) -> list[Disk]:
-    """Each virtual disk's partition table and the filesystems in it (``--mount-fs``).
+    """Each virtual disk's partition table and the filesystems in it (``--mount-fs``,
+    ``--list-partitions``).
 
     :raise PartitionError: a table is malformed.
     :raise FdeError: the images cannot be opened (as for an export).
@@ -74,8 +86,7 @@ def read_disks(specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None = N
     disks: list[Disk] = []
     with _views(specs, secrets) as views:
         for view in views:
-            table = _read(view.mountpoint, view.image)
-            disks.append(Disk(table, *_filesystems(view.mountpoint, table)))
+            disks.append(probe_disk(view.mountpoint, view.image))
     return disks
 
 

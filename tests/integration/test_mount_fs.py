@@ -228,3 +228,82 @@ def test_choice_of_partition(fde: Runner, tmp_path: Path) -> None:
     directory, pid_file = _files_ready(fde, tmp_path, "-r", "-P", "2", str(image))
     assert (directory / "hello.txt").exists()
     _stop(pid_file, tmp_path)
+
+
+def test_whole_disk_fat_in_a_vhdx(fde: Runner, tmp_path: Path) -> None:
+    # A USB stick's layout: mkfs.fat on the whole disk, no table; its boot sector ends in 55 AA.
+    image = make_disk(tmp_path, "vfat", fmt="vhdx", table=False)
+    listed = fde.run("--list-partitions", str(image))
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [f"{image}: no partition table; the whole disk holds vfat"]
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
+    entry = mounts.mount_at(str(directory))
+    assert entry is not None and entry.is_fuse
+    assert os.listdir(directory) == []  # mkfs.fat made it empty
+    _stop(pid_file, tmp_path)
+    directory.rmdir()
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", "--fs-type", "fat", str(image))
+    assert os.listdir(directory) == []
+    _stop(pid_file, tmp_path)
+
+
+def test_whole_disk_ntfs_in_a_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
+    image = make_disk(tmp_path, "ntfs", fmt="qcow2", table=False)
+    directory, pid_file = _files_ready(fde, tmp_path, str(image))
+    (directory / "n.txt").write_text("through ntfs-3g\n")
+    _stop(pid_file, tmp_path)
+    # After the revert, the file is in the qcow2: ntfs-3g's own ntfscat reads it from a copy.
+    raw = tmp_path / "check.raw"
+    qemu_img("convert", "-O", "raw", str(image), str(raw))
+    cat = subprocess.run(
+        [tool("ntfscat"), str(raw), "n.txt"], capture_output=True, text=True, check=True
+    )
+    assert cat.stdout == "through ntfs-3g\n"
+
+
+def test_whole_disk_refusals_say_what_was_found(fde: Runner, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run([tool("mkfs.exfat"), str(raw)], check=True, capture_output=True)
+    image = tmp_path / "ex.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    directory = _mount_dir(tmp_path)
+    refused = fde.run("-r", "--mount-fs", str(directory), str(image))
+    assert refused.returncode == 2
+    assert "holds exfat" in refused.stderr and "without --mount-fs" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    listed = fde.run("--list-partitions", str(image))
+    # libblkid, too, sees an (empty) MBR and exFAT in this boot sector.
+    assert listed.stdout.splitlines() == [
+        f"{image}: MBR with no partitions; the whole disk holds exfat"
+    ]
+    blank = tmp_path / "blank.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(blank), "8M")
+    refused = fde.run("-r", "--mount-fs", str(directory), str(blank))
+    assert refused.returncode == 1, refused.stderr
+    assert "no filesystem recognised on the disk (no partition table)" in refused.stderr
+    assert "--fs-type" in refused.stderr and "-P" not in refused.stderr
+    assert not is_mounted(directory)
+
+
+def test_logical_partition_5(fde: Runner, tmp_path: Path) -> None:
+    raw = tmp_path / "logical.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    parted = [tool("parted"), "-s", str(raw), "mklabel", "msdos"]
+    parted += ["mkpart", "extended", "2048s", "100%", "mkpart", "logical", "4096s", "90111s"]
+    subprocess.run(parted, check=True, capture_output=True)
+    _mkfs(raw, "ntfs", 4096 * 512, 86016 * 512)
+    image = tmp_path / "logical.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    listed = fde.run("--list-partitions", str(image))
+    assert listed.stdout.splitlines()[0] == f"{image}: MBR partition table"
+    assert listed.stdout.split()[-5:] == ["5", str(4096 * 512), str(86016 * 512), "0x83", "ntfs"]
+    directory, pid_file = _files_ready(fde, tmp_path, "-P", "5", str(image))
+    (directory / "five.txt").write_text("in partition 5\n")
+    _stop(pid_file)
+    directory.rmdir()
+    directory, pid_file = _files_ready(fde, tmp_path, "-r", "-P", "5", str(image))
+    assert (directory / "five.txt").read_text() == "in partition 5\n"
+    _stop(pid_file, tmp_path)

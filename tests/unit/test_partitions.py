@@ -288,6 +288,69 @@ def test_filesystem_boot_sector_is_not_a_table() -> None:
     assert disk.table().scheme == "none"
 
 
+def fat_vbr() -> bytes:
+    """mkfs.fat's boot sector of a 64 MiB disk: zeros where an MBR's entries would be."""
+    sector = bytearray(S)
+    sector[:3] = b"\xeb\x3c\x90"
+    struct.pack_into("<HBHBHHBH", sector, 11, 512, 4, 4, 2, 512, 0, 0xF8, 128)
+    struct.pack_into("<I", sector, 0x20, 131072)
+    sector[0x36:0x3E] = b"FAT16   "
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def test_fat_boot_sector_with_zero_entries_is_not_a_table() -> None:
+    # fdisk and sfdisk see an empty "dos" table here; libblkid (and we) see FAT.
+    disk = Disk(64 * MiB)
+    disk.write(0, fat_vbr())
+    assert disk.table() == PartitionTable("none", 512, ())
+    broken = bytearray(fat_vbr())
+    broken[0x10] = 0  # no FATs: not a valid BPB, so the sector is an (empty) MBR
+    disk.write(0, bytes(broken))
+    assert disk.table() == PartitionTable("mbr", 512, ())
+
+
+def test_ntfs_boot_sector_is_not_a_table() -> None:
+    disk = Disk(64 * MiB)
+    sector = bytearray(S)
+    sector[3:11] = b"NTFS    "
+    struct.pack_into("<HB", sector, 11, 512, 8)
+    sector[0x15] = 0xF8
+    struct.pack_into("<QQQb", sector, 0x28, 131071, 4, 8, -10)
+    sector[510:512] = b"\x55\xaa"
+    disk.write(0, bytes(sector))
+    # Without its MFT where the boot sector says, it is not NTFS (as libblkid decides).
+    assert disk.table().scheme == "mbr"
+    disk.write(4 * 4096, b"FILE")
+    disk.write(4 * 4096 + 3 * 1024, b"FILE")
+    assert disk.table().scheme == "none"
+
+
+def test_lvm_behind_an_empty_mbr_is_not_a_table() -> None:
+    disk = Disk(MiB)
+    disk.write(0, mbr([]))
+    label = bytearray(S)
+    label[:8] = b"LABELONE"
+    struct.pack_into("<Q", label, 8, 1)
+    label[24:32] = b"LVM2 001"
+    crc = ~zlib.crc32(bytes(label[20:]), ~0xF597A6CF & 0xFFFFFFFF) & 0xFFFFFFFF
+    struct.pack_into("<I", label, 16, crc)
+    disk.write(S, bytes(label))
+    assert disk.table().scheme == "none"
+    disk.write(0, mbr([(0x83, 8, 100)]))
+    assert disk.table().scheme == "mbr", "a table with partitions is a table"
+
+
+def test_a_gpt_protective_entry_wins_over_a_fat_bpb() -> None:
+    # libblkid's order: a 0xEE entry means GPT before the FAT check is made.
+    sector = bytearray(fat_vbr())
+    sector[446:462] = struct.pack("<B3sB3sII", 0, b"", 0xEE, b"", 1, 2047)
+    disk = Disk(MiB)
+    disk.write(0, bytes(sector))
+    with pytest.raises(PartitionError, match=r"^GPT: "):
+        disk.table()
+
+
 @pytest.mark.parametrize("ext_type", [0x05, 0x0F, 0x85])
 def test_mbr_primary_extended_and_logicals(ext_type: int) -> None:
     table = standard_mbr(ext_type).table()
