@@ -5,16 +5,17 @@ dead mount fails every stat), resolved, probed, and its backing chain walked und
 policy, so that QEMU only ever opens files we have looked at, named by absolute path.
 """
 
+import logging
 import os
 import stat
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import detect, lazylog, mounts, state
+from fuse_disk_export import detect, mounts, state
 from fuse_disk_export.engine.graph import Backing, ImageSpec, Layer, Slice
 from fuse_disk_export.errors import BackingError, ImageError, MountError, UsageError
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 # Formats we can recognise by content; a -f naming one of these must agree with the content.
 PROBED_FORMATS = frozenset(

@@ -259,12 +259,10 @@ def world(tmp_path: Path) -> Iterator[Path]:
     os.chmod(root, 0o755)
     lib = root / "lib"
     import psutil as ps
-    import qemu.qmp as qmp
 
     import fuse_disk_export
 
     shutil.copytree(Path(fuse_disk_export.__file__).parent, lib / "fuse_disk_export")
-    shutil.copytree(Path(qmp.__file__).parent.parent, lib / "qemu")
     shutil.copytree(Path(ps.__file__).parent, lib / "psutil")
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
