@@ -19,19 +19,10 @@ import pytest
 
 from fuse_disk_export import mounts
 from tests.helpers.checks import assert_all_clean, is_mounted
-from tests.helpers.host import require
+from tests.helpers.disks import tool
 from tests.helpers.images import qemu_img
 from tests.helpers.runner import Runner, pid_gone, wait_for
 from tests.helpers.units import MiB
-
-SBIN = "/usr/local/sbin:/usr/sbin:/sbin:" + os.environ.get("PATH", "")
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name, path=SBIN)
-    require(found is not None, name)
-    assert found is not None
-    return found
 
 
 def _table(raw: Path, *parts: tuple[int, int, str]) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.checks import is_mounted
+from tests.helpers.disks import parted_disk, run
 from tests.helpers.host import require
 from tests.helpers.images import image_format, make_qcow2, qemu_img, qemu_io
 from tests.helpers.runner import Runner, pid_gone, wait_for
@@ -23,17 +23,9 @@ def fs_tools() -> None:
         require(shutil.which(tool) is not None, tool)
 
 
-def run(*argv: str) -> str:
-    out = subprocess.run(argv, capture_output=True, text=True)
-    assert out.returncode == 0, f"{argv}: {out.stdout}{out.stderr}"
-    return out.stdout
-
-
 def make_disk(tmp_path: Path, label: str, parts: list[str], fs_part: tuple[int, int]) -> Path:
     """A qcow2 with a partition table made by parted; partition ``fs_part`` holds ext4."""
-    raw = tmp_path / "disk.raw"
-    run("truncate", "-s", "64M", str(raw))
-    run("parted", "-s", str(raw), "mklabel", label, *parts)
+    raw = parted_disk(tmp_path / "disk.raw", 64 * MiB, "mklabel", label, *parts)
     start, size = fs_part
     run("mkfs.ext4", "-q", "-F", "-E", f"offset={start}", str(raw), f"{size // 1024}k")
     img = tmp_path / "disk.qcow2"

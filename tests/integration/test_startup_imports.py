@@ -65,4 +65,3 @@ def test_the_path_to_live_leaves_out_what_it_does_not_use() -> None:
         "fuse_disk_export.fsmount",
     }
     assert loaded & unwanted == set()
-
