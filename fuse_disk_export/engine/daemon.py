@@ -85,12 +85,14 @@ class Daemon:
     """A running qemu-storage-daemon we own, every export of its graph mounted (`start`).
     Always ended by `stop`."""
 
-    def __init__(self, spawned: Spawned, graph: BlockGraph, version: QemuVersion) -> None:
+    def __init__(
+        self, spawned: Spawned, pidfd: int, graph: BlockGraph, version: QemuVersion
+    ) -> None:
         self.process = spawned.process
         self.graph = graph
         self.version = version
         self._spawned = spawned
-        self._pidfd = os.pidfd_open(self.process.pid)
+        self._pidfd = pidfd
 
     @property
     def pid(self) -> int:
@@ -286,14 +288,13 @@ def start(
         if spawned.process.poll() is None:
             spawned.process.kill()
         spawned.process.wait()
+        os.close(pidfd)
         _close(spawned)
         _detach_new(graph, before)
         raise
-    finally:
-        os.close(pidfd)
     log.debug("live: %.1f ms after spawn", (time.monotonic() - started) * 1000)
     spawned.stderr.release()
-    daemon = Daemon(spawned, graph, _version(greeting))
+    daemon = Daemon(spawned, pidfd, graph, _version(greeting))
     if stopped is not None:
         stop(daemon)
         raise Interrupted(stopped)
