@@ -58,7 +58,7 @@ def _mkfs(raw: Path, fs: str, offset: int, size: int) -> None:
     part.unlink()
 
 
-def make_disk(root: Path, fs: str, fmt: str = "qcow2", table: bool = True) -> Path:
+def filesystem_disk(root: Path, fs: str, fmt: str = "qcow2", table: bool = True) -> Path:
     raw = root / "disk.raw"
     with open(raw, "wb") as f:
         f.truncate(64 * MiB)
@@ -100,7 +100,7 @@ def _files_ready(fde: Runner, root: Path, *args: str) -> tuple[Path, Path]:
 
 
 def test_ext4_in_a_gpt_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "ext4")
+    image = filesystem_disk(tmp_path, "ext4")
     directory, pid_file = _files_ready(fde, tmp_path, str(image))
     assert (directory / "hello.txt").read_text() == "hello from ext4\n"
     (directory / "new.txt").write_text("written through both layers\n")
@@ -128,7 +128,7 @@ def test_ext4_in_a_gpt_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["vmdk", "vdi"])
 def test_whole_disk_ext4_without_a_table(fde: Runner, tmp_path: Path, fmt: str) -> None:
-    image = make_disk(tmp_path, "ext4", fmt=fmt, table=False)
+    image = filesystem_disk(tmp_path, "ext4", fmt=fmt, table=False)
     start = time.monotonic()
     directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
     names = os.listdir(directory)
@@ -139,7 +139,7 @@ def test_whole_disk_ext4_without_a_table(fde: Runner, tmp_path: Path, fmt: str) 
 
 
 def test_ntfs_read_write(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "ntfs")
+    image = filesystem_disk(tmp_path, "ntfs")
     directory, pid_file = _files_ready(fde, tmp_path, str(image))
     (directory / "n.txt").write_text("ntfs\n")
     _stop(pid_file)
@@ -152,7 +152,7 @@ def test_ntfs_read_write(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "vfat")
+    image = filesystem_disk(tmp_path, "vfat")
     directory = _mount_dir(tmp_path)
     refused = fde.run("--mount-fs", str(directory), str(image))
     assert refused.returncode == 2 and "fusefat" in refused.stderr and "-r" in refused.stderr
@@ -164,7 +164,7 @@ def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_sigint_unmounts_both_layers(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "ext4")
+    image = filesystem_disk(tmp_path, "ext4")
     directory = _mount_dir(tmp_path)
     proc = fde.start_live("--mount-fs", str(directory), str(image))
     assert is_mounted(directory)
@@ -184,7 +184,7 @@ def _driver(directory: Path) -> int:
 
 @pytest.mark.parametrize("victim", ["driver", "daemon"])
 def test_a_killed_layer_leaves_no_dead_mount(fde: Runner, tmp_path: Path, victim: str) -> None:
-    image = make_disk(tmp_path, "ext4")
+    image = filesystem_disk(tmp_path, "ext4")
     directory, pid_file = _files_ready(fde, tmp_path, str(image))
     serving = int(pid_file.read_text())
     if victim == "driver":

@@ -23,7 +23,9 @@ def fs_tools() -> None:
         require(shutil.which(tool) is not None, tool)
 
 
-def make_disk(tmp_path: Path, label: str, parts: list[str], fs_part: tuple[int, int]) -> Path:
+def ext4_in_partition(
+    tmp_path: Path, label: str, parts: list[str], fs_part: tuple[int, int]
+) -> Path:
     """A qcow2 with a partition table made by parted; partition ``fs_part`` holds ext4."""
     raw = parted_disk(tmp_path / "disk.raw", 64 * MiB, "mklabel", label, *parts)
     start, size = fs_part
@@ -68,7 +70,7 @@ def check_partition_round_trip(
 
 
 def test_gpt_partition_2(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(
+    img = ext4_in_partition(
         tmp_path,
         "gpt",
         ["mkpart", "one", "1MiB", "9MiB", "mkpart", "two", "ext4", "9MiB", "41MiB"],
@@ -78,7 +80,7 @@ def test_gpt_partition_2(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
 
 
 def test_mbr_logical_partition(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(
+    img = ext4_in_partition(
         tmp_path,
         "msdos",
         [
@@ -102,7 +104,7 @@ def test_mbr_logical_partition(fde: Runner, tmp_path: Path, fs_tools: None) -> N
 
 
 def test_list_partitions(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(
+    img = ext4_in_partition(
         tmp_path,
         "gpt",
         ["mkpart", "boot", "1MiB", "9MiB", "mkpart", "root", "ext4", "9MiB", "41MiB"],
@@ -119,7 +121,9 @@ def test_list_partitions(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
 
 
 def test_missing_partition_is_one_line(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(tmp_path, "gpt", ["mkpart", "one", "ext4", "1MiB", "33MiB"], (MiB, 32 * MiB))
+    img = ext4_in_partition(
+        tmp_path, "gpt", ["mkpart", "one", "ext4", "1MiB", "33MiB"], (MiB, 32 * MiB)
+    )
     result = fde.run("-P", "7", "-m", str(tmp_path / "p.img"), str(img))
     assert result.returncode != 0
     assert "no partition 7" in result.stderr and str(img) in result.stderr
