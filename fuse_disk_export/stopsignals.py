@@ -63,11 +63,14 @@ class SignalWatch:
         self._read, self._write = socket.socketpair()
         self._write.setblocking(False)
         self._read.setblocking(False)
-        self._old = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._old: int | None = None
+        # Outside the main thread (the Python API's caller's business), nothing to wait on.
+        with contextlib.suppress(ValueError):
+            self._old = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
 
     @property
     def fileno(self) -> int:
-        return self._read.fileno()
+        return self._read.fileno() if self._old is not None else -1
 
     def reason(self) -> str | None:
         with contextlib.suppress(OSError):
@@ -76,14 +79,16 @@ class SignalWatch:
         return first()
 
     def close(self) -> None:
-        signal.set_wakeup_fd(self._old)
+        if self._old is not None:
+            signal.set_wakeup_fd(self._old)
         self._read.close()
         self._write.close()
 
 
 @contextlib.contextmanager
 def watching() -> Iterator[SignalWatch]:
-    """A `SignalWatch` for the duration of the block (main thread only, as signals are)."""
+    """A `SignalWatch` for the duration of the block (outside the main thread, where signals
+    never arrive, one with nothing to poll)."""
     watch = SignalWatch()
     try:
         yield watch

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import engine
+from fuse_disk_export import engine, stopsignals
 from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice
 from fuse_disk_export.errors import PartitionError
 from fuse_disk_export.filesystems import PROBE_BYTES, Read, probe
@@ -90,8 +90,10 @@ def _views(
             mountpoint = os.path.join(tmp, f"{index}.raw")
             open(mountpoint, "wb").close()
             views.append(_read_only_view(spec, mountpoint))
-        with engine.secret_files(secrets or {}) as (files, fds):
-            daemon = engine.start(engine.plan(views, secret_files=files), pass_fds=fds)
+        with engine.secret_files(secrets or {}) as (files, fds), stopsignals.watching() as signals:
+            # A stop signal ends a daemon that hangs opening an image (engine.daemon.SETUP_GRACE).
+            graph = engine.plan(views, secret_files=files)
+            daemon = engine.start(graph, pass_fds=fds, watch=[signals])
         try:
             yield views
         finally:
