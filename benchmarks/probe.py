@@ -59,7 +59,7 @@ class Phases(logging.Handler):
             if name == "live" and "ms after spawn" in message:
                 name = "greeting"
             elif name == "spawned" and not message.endswith("started"):
-                name = "qmp-up"
+                return
             if name in self.seen:
                 return
             self.seen.add(name)

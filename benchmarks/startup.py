@@ -185,9 +185,8 @@ def _phases(
         "daemon brings the graph up (greeting)": ms("spawned", "greeting"),
         "after the greeting: guards, pid file, ready": ms("greeting", "live"),
         "total to live": ms(t_spawn, "live"),
-        "after live: asyncio, qemu.qmp, QMP connect": ms("live", "qmp-up"),
         "SIGINT to handler": ms(t_sigint, "sigint"),
-        "quit + reap daemon": ms("sigint", "daemon-exit"),
+        "SIGTERM + reap daemon": ms("sigint", "daemon-exit"),
         "daemon exit to process exit": ms("daemon-exit", t_exit),
         "total stop": ms(t_sigint, t_exit),
     }
@@ -222,7 +221,7 @@ _IMPORT_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)")
 FULL_IMPORTS = (
     "import importlib\n"
     "for m in ('fuse_disk_export.cli', 'fuse_disk_export.request', 'fuse_disk_export.images',\n"
-    "          'fuse_disk_export.export', 'fuse_disk_export.engine.bringup',\n"
+    "          'fuse_disk_export.export', 'fuse_disk_export.engine.daemon',\n"
     "          'fuse_disk_export.daemonize', 'daemon'):\n"
     "    try:\n"
     "        importlib.import_module(m)\n"

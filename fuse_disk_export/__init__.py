@@ -6,16 +6,15 @@ first use, so that the command line's entry point, which imports this package fi
 
 from __future__ import annotations
 
-# Not typing.TYPE_CHECKING: importing typing would cost the entry point milliseconds before it
-# records stop signals; mypy treats a constant of this name the same way.
-TYPE_CHECKING = False
+from typing import TYPE_CHECKING
+
+from fuse_disk_export.errors import FdeError
 
 __version__ = "0.1.0"
 __all__ = ["FdeError", "__version__", "exported", "exported_many"]
 
 if TYPE_CHECKING:
     from fuse_disk_export.api import exported, exported_many
-    from fuse_disk_export.errors import FdeError
 
 
 def __getattr__(name: str) -> object:
@@ -23,8 +22,4 @@ def __getattr__(name: str) -> object:
         from fuse_disk_export import api
 
         return getattr(api, name)
-    if name == "FdeError":
-        from fuse_disk_export.errors import FdeError
-
-        return FdeError
     raise AttributeError(f"module 'fuse_disk_export' has no attribute {name!r}")

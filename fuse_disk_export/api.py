@@ -8,8 +8,8 @@
 
 The same engine as the command line, without its process-wide parts: no signal handlers are
 installed, no pid file, no registry entry (``--list`` does not show these exports), nothing is
-printed or asked.  No asyncio is used either, so it works alike from plain code and from a
-coroutine (it blocks for the few milliseconds the setup takes).  The qemu-storage-daemon it starts
+printed or asked.  It works alike from plain code and from a coroutine (it blocks for the few
+milliseconds the setup takes).  The qemu-storage-daemon it starts
 follows the calling process: should that die, even by SIGKILL, the daemon unmounts and exits —
 tied, as Linux ties a parent-death signal, to the thread that entered the block.
 """
@@ -75,7 +75,7 @@ def _exported(options: Options) -> Iterator[list[Path]]:
     from fuse_disk_export.request import build_request
 
     request = build_request(options)
-    with live(request, watch_signals=False, register=False):
+    with live(request, register=False):
         yield [Path(r.spec.mountpoint) for r in request.images]
 
 

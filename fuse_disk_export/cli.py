@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, cast
+from typing import TYPE_CHECKING, NoReturn, cast
 
-from fuse_disk_export import __version__, lazylog, stopsignals
+from fuse_disk_export import __version__, logs, stopsignals
 from fuse_disk_export.engine.graph import AllowOther, Backing
 from fuse_disk_export.errors import FdeError, UsageError
 from fuse_disk_export.options import (
@@ -25,7 +27,6 @@ from fuse_disk_export.options import (
     Options,
 )
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:  # table_reader loads only with --list-partitions
     from fuse_disk_export.table_reader import Disk
 
@@ -42,16 +43,15 @@ examples:
 Images a guest could write to may be hostile: see the README's security note.
 """
 
-log = lazylog.get("fuse_disk_export")
+log = logging.getLogger("fuse_disk_export")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
     """--help on one screen: one line per option (``-p, --pid-file PATH``, choices ``a|b``)."""
 
     def __init__(self, prog: str) -> None:
-        # argparse makes a formatter for every option it adds: no shutil.get_terminal_size (the
-        # import of shutil costs more than the parsing).
-        super().__init__(prog, max_help_position=32, width=min(100, _columns()) - 2)
+        width = shutil.get_terminal_size().columns
+        super().__init__(prog, max_help_position=32, width=min(100, width) - 2)
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if not action.option_strings or action.nargs == 0:
@@ -62,20 +62,6 @@ class _Help(argparse.RawDescriptionHelpFormatter):
             metavar = str(action.metavar or action.dest.upper())
         dots = " ..." if action.nargs == "+" else ""
         return f"{', '.join(action.option_strings)} {metavar}{dots}"
-
-
-def _columns() -> int:
-    """The terminal's width, as `shutil.get_terminal_size` finds it."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns if columns > 0 else 80
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,25 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="revert the exports on PATH or of PID; wait until done",
     )
     p.add_argument(
-        "-v", "--verbose", action="store_true", help="show the plan, QMP traffic and tracebacks"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the plan, the commands run and tracebacks",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}", help=argparse.SUPPRESS
     )
     return p
-
-
-def _setup_logging(args: argparse.Namespace) -> None:
-    """Messages to stderr; `logging` is loaded only for the first one (at once with -v)."""
-
-    def setup() -> None:
-        from fuse_disk_export import logs
-
-        logs.setup_terminal(verbose=args.verbose, quiet=args.quiet)
-
-    level = lazylog.DEBUG if args.verbose else lazylog.ERROR if args.quiet else lazylog.WARNING
-    lazylog.configure(level, setup, now=args.verbose)
 
 
 READY_LINE = "All exports set up, ^C to revert"
@@ -353,21 +330,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from fuse_disk_export.daemonize import Reporter, run_detached
 
-    log_file = None
-    if args.log_file:
-        from fuse_disk_export import logs
-
-        log_file = logs.open_log_file(args.log_file)
+    log_file = logs.open_log_file(args.log_file) if args.log_file else None
 
     def work(reporter: Reporter) -> int:
-        def setup() -> None:
-            from fuse_disk_export import logs
-
-            logs.setup_daemon(log_file, verbose=args.verbose)
-
-        # A daemon logs from INFO up (what it did, to syslog or --log-file); `logging` is
-        # loaded for the first message, which normally comes once the exports are live.
-        lazylog.configure(lazylog.DEBUG if args.verbose else lazylog.INFO, setup, now=args.verbose)
+        # A daemon logs from INFO up: what it did, to syslog or --log-file.
+        logs.setup_daemon(log_file, verbose=args.verbose)
         try:
             return serve(request, on_live=reporter.ready, cancel=reporter)
         except FdeError as e:
@@ -396,7 +363,7 @@ def _manage(args: argparse.Namespace) -> int:
 def exit_now(status: int) -> NoReturn:
     """Exit without tearing the interpreter down (which the shell would wait for): everything
     is reverted and reported by now."""
-    lazylog.shutdown()
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -404,7 +371,7 @@ def exit_now(status: int) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args)
+    logs.setup_terminal(verbose=args.verbose, quiet=args.quiet)
     try:
         return _run(args)
     except FdeError as e:
@@ -413,9 +380,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{PROG}: {e}", file=sys.stderr)
         return e.exit_status
-    except stopsignals.StopRequested as e:
-        print(f"{PROG}: interrupted by {e}", file=sys.stderr)
-        return 128 + e.signum
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130

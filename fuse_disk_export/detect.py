@@ -28,13 +28,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from fuse_disk_export.bounded import Reader
-from fuse_disk_export.errors import ImageError
+from fuse_disk_export.errors import ImageError, ProbeLimitError
 from fuse_disk_export.formats.common import (
     HEAD_BYTES,
     MAX_PROBE_BYTES,
     SECTOR,
     ImageInfo,
-    ProbeLimitError,
     Source,
 )
 from fuse_disk_export.formats.signatures import match_head, match_tail

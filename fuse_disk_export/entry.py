@@ -2,19 +2,11 @@
 
 Its first lines record stop signals (see `stopsignals`), before the command line and everything it
 needs are imported: from here on, no SIGINT, SIGTERM or SIGHUP is lost.
-
-Then the cycle collector is turned off until the exports are live (`export.serve` turns it back
-on): the way there allocates much, in imports above all, and leaves no cyclic garbage worth
-collecting; without the collector's passes over it, it is about 2 ms shorter (scripts/bench), and a
-``-d`` daemon does not copy its parent's pages on writing to them just to walk them.
 """
-
-import gc
 
 from fuse_disk_export import stopsignals
 
 stopsignals.record()
-gc.disable()
 
 
 def main() -> int:

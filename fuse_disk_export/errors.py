@@ -1,11 +1,29 @@
-"""The one exception hierarchy of fuse-disk-export.
+"""The one exception hierarchy of fuse-disk-export: every class of it is here.
 
 Every error a user can meet derives from `FdeError`. Its ``str()`` is the one line the command line
 prints: the file it is about, then the reason.  Anything that is not an `FdeError` is a bug and is
 shown with a traceback.
+
+::
+
+    FdeError
+     +-- UsageError          the command line does not make sense (exit status 2)
+     +-- ImageError          the image cannot be used
+     |    +-- BackingError
+     |    +-- PartitionError
+     |    +-- ProbeLimitError
+     +-- MountError          a mount point cannot be used
+     +-- PidFileError        the pid file is held, or cannot be written
+     +-- FsError             the --mount-fs driver failed or died
+     +-- QemuError           qemu-storage-daemon refused, could not start, or died
+     |    +-- LockedError
+     +-- RequirementError    something this machine lacks
+     +-- Interrupted         a stop signal (SIGINT, SIGTERM, SIGHUP) cut a run short (128+N)
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class FdeError(Exception):
@@ -45,8 +63,25 @@ class PartitionError(ImageError):
     """A partition table is malformed or the requested partition does not exist."""
 
 
+class ProbeLimitError(ImageError):
+    """A probe would have read more than its bound (`formats.common.MAX_PROBE_BYTES`).
+
+    Every parser bounds its own reads well below the limit, so this means a parser lost its bound:
+    it is an `ImageError` so that callers need nothing special, and a class of its own so that the
+    fuzz tests can tell it from an honest refusal.
+    """
+
+
 class MountError(FdeError):
     """A mount point cannot be used: already mounted, a directory, a dead FUSE mount..."""
+
+
+class PidFileError(FdeError):
+    """The pid file is held by a live process, or cannot be written."""
+
+
+class FsError(FdeError):
+    """The ``--mount-fs`` filesystem driver failed, or died."""
 
 
 class QemuError(FdeError):
@@ -62,12 +97,18 @@ class RequirementError(FdeError):
 
 
 class Interrupted(FdeError):
-    """A stop signal arrived before every export was live; everything was rolled back."""
+    """A stop signal arrived before the work was done: at a prompt, while listing or stopping,
+    or before every export was live (then everything was rolled back).
 
-    def __init__(self, signame: str) -> None:
-        import signal
+    The one exception for "interrupted": the command line records stop signals from its first
+    line (`stopsignals`), so Python's KeyboardInterrupt never reaches it.
+    """
 
-        super().__init__(f"interrupted by {signame} during setup; nothing was left mounted")
+    def __init__(self, signame: str, *, during_setup: bool = True) -> None:
+        reason = f"interrupted by {signame}"
+        if during_setup:
+            reason += " during setup; nothing was left mounted"
+        super().__init__(reason)
         self.signame = signame
         #: 128+N, as a shell reports a command that signal N ended.
         if signame in signal.Signals.__members__:

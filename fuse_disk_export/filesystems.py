@@ -292,7 +292,7 @@ def _ext(device: _Device) -> str | None:
 
 
 def _xfs(head: bytes) -> bool:
-    if head[:4] != b"XFSB":
+    if head[:4] != b"XFSB" or len(head) < 8:
         return False
     block, sector, inode = struct.unpack(">I", head[4:8])[0], _be16(head, 102), _be16(head, 104)
     return (

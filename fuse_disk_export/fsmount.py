@@ -8,27 +8,25 @@ reverted.  A hostile filesystem is parsed by this unprivileged process, not by t
 """
 
 import contextlib
+import logging
 import os
 import select
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import lazylog, mounts
-from fuse_disk_export.engine.process import StderrTap, start_child, which
-from fuse_disk_export.errors import FdeError, MountError, RequirementError
+from fuse_disk_export import mounts
+from fuse_disk_export.engine.process import StderrTap, start_child
+from fuse_disk_export.errors import FsError, MountError, RequirementError
 from fuse_disk_export.filesystems import DRIVERS, Driver
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 #: How long a driver may take to mount, and to unmount and exit.
 MOUNT_TIMEOUT = 30.0
 UNMOUNT_TIMEOUT = 10.0
-
-
-class FsError(FdeError):
-    """The filesystem driver failed, or died."""
 
 
 class Mounted(NamedTuple):
@@ -47,7 +45,7 @@ def find_driver(fs: str) -> str:
     :raise RequirementError: none is installed (the error names the Debian package).
     """
     driver = DRIVERS[fs]
-    path = which(driver.program)
+    path = shutil.which(driver.program)
     if path is None:
         raise RequirementError(
             f"{driver.program} not found: {fs} filesystems need it (Debian package "

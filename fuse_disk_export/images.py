@@ -5,17 +5,18 @@ dead mount fails every stat), resolved, probed, and its backing chain walked und
 policy, so that QEMU only ever opens files we have looked at, named by absolute path.
 """
 
+import logging
 import os
 import stat
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import detect, lazylog, mounts, state
+from fuse_disk_export import detect, mounts, state
 from fuse_disk_export.engine.graph import Backing, ImageSpec, Layer, Slice
 from fuse_disk_export.errors import BackingError, ImageError, MountError, UsageError
 from fuse_disk_export.formats.common import READ_ONLY_DRIVER
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 # Formats we can recognise by content; a -f naming one of these must agree with the content.
 PROBED_FORMATS = frozenset(

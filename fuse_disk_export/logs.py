@@ -2,7 +2,7 @@
 file named with ``--log-file`` (opened before detaching, so that a bad path is reported where the
 user is looking, and kept across python-daemon's closing of file descriptors; it also receives
 qemu-storage-daemon's own messages, as the daemon's stderr), else syslog through /dev/log when
-that exists.  Loaded with `logging`, for the first message that goes anywhere (see `lazylog`).
+that exists.  And the warnings of a setup, collected for the ``-d`` parent and ``--list``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from types import TracebackType
 from typing import IO
 
 from fuse_disk_export.errors import UsageError
@@ -18,6 +19,43 @@ SYSLOG_SOCKET = "/dev/log"
 IDENT = "fuse-disk-export"
 
 FILE_FORMAT = f"%(asctime)s {IDENT}[%(process)d]: %(levelname)s: %(message)s"
+
+#: The logger every module of the package logs under (``logging.getLogger(__name__)``).
+PACKAGE = "fuse_disk_export"
+
+
+class WarningCollector(logging.Handler):
+    """The message of every warning (and error) the package logs, from entering until `stop`:
+    how a setup's warnings travel to the waiting parent of a ``-d`` run and into the registry.
+
+    Collected whatever the command line prints: its own handlers filter by level, the loggers
+    let every warning through (`setup_terminal`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:  # a bad format: logging's own way of reporting it
+            self.handleError(record)
+
+    def __enter__(self) -> WarningCollector:
+        logging.getLogger(PACKAGE).addHandler(self)
+        return self
+
+    def stop(self) -> None:
+        logging.getLogger(PACKAGE).removeHandler(self)
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def open_log_file(path: str) -> IO[str]:
@@ -70,9 +108,9 @@ def setup_terminal(*, verbose: bool, quiet: bool) -> None:
         root.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     else:
-        root.setLevel(logging.ERROR if quiet else logging.WARNING)
-        # qemu.qmp logs its connection's failures itself; ours say what they mean for the user.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        # -q filters at the handler: warnings still reach a `WarningCollector`.
+        root.setLevel(logging.WARNING)
+        handler.setLevel(logging.ERROR if quiet else logging.WARNING)
 
 
 def setup_daemon(log_file: IO[str] | None, *, verbose: bool = False) -> None:
@@ -82,5 +120,3 @@ def setup_daemon(log_file: IO[str] | None, *, verbose: bool = False) -> None:
         old.close()
     root.handlers[:] = [daemon_handler(log_file)]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # qemu.qmp's messages are about its connection's life; ours say what it means for the user.
-    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose else logging.CRITICAL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -19,12 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from fuse_disk_export import lazylog, mounts, state
+from fuse_disk_export import mounts, state
 from fuse_disk_export.columns import plain_columns
 from fuse_disk_export.errors import FdeError, MountError
 from fuse_disk_export.state import ExportRecord
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 #: How long ``--stop`` waits for an export to be reverted: a healthy one takes milliseconds.
 STOP_TIMEOUT = 30.0

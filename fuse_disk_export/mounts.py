@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import select
+import shutil
 import subprocess
 import threading
 import time
@@ -203,9 +204,7 @@ def process_name(pid: int) -> str | None:
 
 def lazy_unmount(path: str) -> None:
     """Detach the mount on ``path`` even while files on it are open (``fusermount3 -u -z``)."""
-    from fuse_disk_export.engine.process import which
-
-    tool = which("fusermount3") or which("fusermount")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise RequirementError("fusermount3 not found (Debian package fuse3)", path=path)
     subprocess.run(

@@ -8,12 +8,11 @@ function here does nothing.  Standard library only: this is on the path to live.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
-from fuse_disk_export import lazylog
-
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 
 def _address() -> str | None:

@@ -13,14 +13,10 @@ import fcntl
 import os
 import struct
 
-from fuse_disk_export.errors import FdeError
+from fuse_disk_export.errors import PidFileError
 
 # struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t), padding.
 _FLOCK = "hhqqi4x"
-
-
-class PidFileError(FdeError):
-    """The pid file is held by a live process, or cannot be written."""
 
 
 def holder(path: str) -> int | None:

@@ -13,12 +13,11 @@ before the pid file is written; after a normal revert the file is already gone a
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 
-from fuse_disk_export import lazylog
-
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 _WATCH = 'read -r _ || :; [ "$(cat -- "$2" 2>/dev/null)" = "$1" ] && rm -f -- "$2"; exit 0'
 

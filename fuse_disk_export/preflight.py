@@ -7,9 +7,10 @@ after a daemon has been started; here they are one line that names the missing p
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
-from fuse_disk_export.engine.process import find_binary, which
+from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import RequirementError
 
 FUSE_DEVICE = "/dev/fuse"
@@ -38,7 +39,7 @@ def check_fuse(device: str = FUSE_DEVICE) -> None:
             f"'chmod 0666 {device}', Debian's default",
             path=device,
         )
-    if os.geteuid() != 0 and which("fusermount3") is None:
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise RequirementError(
             "fusermount3 not found: without root, FUSE mounts need it (Debian package fuse3)"
         )

@@ -9,18 +9,18 @@ leaves it.  A FILE made for ``--overlay`` is removed only if the export never we
 """
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import lazylog
 from fuse_disk_export.engine.graph import ImageSpec
-from fuse_disk_export.engine.process import which
 from fuse_disk_export.errors import ImageError, RequirementError
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 
 class ImageExtras(NamedTuple):
@@ -57,7 +57,7 @@ class PreparedImages:
 
 
 def _tool(name: str) -> str:
-    path = which(name)
+    path = shutil.which(name)
     if path is None:
         raise RequirementError(f"{name} not found (Debian package qemu-utils)")
     return path

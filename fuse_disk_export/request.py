@@ -8,11 +8,13 @@ Nothing here prints or prompts: a passphrase that must be asked for is asked thr
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from fuse_disk_export import lazylog, mounts
+from fuse_disk_export import mounts
 from fuse_disk_export import options as opts
 from fuse_disk_export.engine.graph import ImageSpec, Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
@@ -21,11 +23,10 @@ from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, 
 from fuse_disk_export.options import Options
 from fuse_disk_export.prepare import ImageExtras
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:  # partitions and table_reader load only with -P, --mount-fs or --list-partitions
     from fuse_disk_export.table_reader import Disk
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 #: Asks for the passphrase of the images named; None when nobody can be asked.
 AskPassphrase = Callable[[Sequence[str]], str]

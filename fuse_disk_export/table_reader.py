@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export.engine.bringup import bring_up, secret_files, terminate
-from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, plan
+from fuse_disk_export import engine, stopsignals
+from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice
 from fuse_disk_export.errors import PartitionError
 from fuse_disk_export.filesystems import Read, identify
 from fuse_disk_export.partitions import PartitionTable, read_table
@@ -101,13 +101,14 @@ def _views(
             mountpoint = os.path.join(tmp, f"{index}.raw")
             open(mountpoint, "wb").close()
             views.append(_read_only_view(spec, mountpoint))
-        with secret_files(secrets or {}) as (files, fds):
-            graph = plan(views, secret_files=files)
-            up = bring_up(graph, pass_fds=fds)
+        with engine.secret_files(secrets or {}) as (files, fds), stopsignals.watching() as signals:
+            # A stop signal ends a daemon that hangs opening an image (engine.daemon.SETUP_GRACE).
+            graph = engine.plan(views, secret_files=files)
+            daemon = engine.start(graph, pass_fds=fds, watch=[signals])
         try:
             yield views
         finally:
-            terminate(up, graph)
+            engine.stop(daemon)
 
 
 def read_tables(

@@ -1,115 +1,357 @@
-"""One qemu-storage-daemon process we own, and its QMP connection (qemu.qmp)."""
+"""One qemu-storage-daemon we own: start it with a graph, serve, stop it.  No asyncio, no QMP
+client: one synchronous wait (``poll``) at each stage.
 
-from __future__ import annotations
+start
+    The daemon creates every ``--object``, ``--blockdev`` and ``--export`` before its main loop,
+    and its QMP monitor, given last, greets only once all of them are up: so the greeting, read
+    on our end of the socketpair, *is* "every export is mounted".  Until then this waits on the
+    daemon's exit (a pidfd), its stderr (passed on as it comes, so that it never blocks on a full
+    pipe) and what the caller watches (stop signals, the waiting parent of a ``-d`` run).  If an
+    option fails, the daemon prints why and exits 1, leaving as dead mounts the exports it had
+    already mounted: those are detached, and the error names the image the failed option was for.
+serve
+    Waits for what the caller watches (a stop signal, a ``--mount-fs`` driver's exit) or the
+    daemon's death.  Nothing is sent over QMP; the monitor is never even negotiated, so the daemon
+    sends us no events.
+stop
+    SIGTERM makes qemu-storage-daemon do what ``quit`` does: remove every export, then flush and
+    close every node.  Whatever it leaves mounted is detached.  The one way a daemon ends.
+"""
 
-import asyncio
 import contextlib
+import json
+import logging
 import os
+import select
 import signal
-import subprocess
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
-from qemu.qmp import QMPClient, QMPError
+from fuse_disk_export import mounts
+from fuse_disk_export.engine.graph import BlockGraph
+from fuse_disk_export.engine.process import Spawned, describe_exit, qemu_error, spawn
+from fuse_disk_export.engine.versions import QemuVersion
+from fuse_disk_export.errors import FdeError, Interrupted, QemuError, UsageError
 
-from fuse_disk_export import lazylog
-from fuse_disk_export.engine import wakeups
-from fuse_disk_export.engine.process import Spawned, StderrTap
-from fuse_disk_export.errors import QemuError
+log = logging.getLogger(__name__)
 
-log = lazylog.get(__name__)
+#: How long a stop during setup waits for the daemon to finish what it is creating (it takes
+#: milliseconds), before a daemon that does not answer is killed: QEMU can hang in an open for
+#: good (7.2 and 10.0.2 did, opening a vmdk's extents with io_uring).
+SETUP_GRACE = 3.0
+
+#: How long `stop` waits for the daemon to exit after SIGTERM before it kills it.
+STOP_TIMEOUT = 5.0
 
 
-class StorageDaemon:
-    """A running qemu-storage-daemon we own, driven through qemu.qmp.
+class Watch(Protocol):
+    """Something a wait of the engine watches, which may call it off: stop signals, the waiting
+    parent of a ``-d`` run, a process that must not die (`Exited`)."""
 
-    Create with `connect`; always end with `stop` (or `kill` when QMP is gone).
-    """
+    @property
+    def fileno(self) -> int:
+        """Turns readable when `reason` may have news (negative: nothing to poll)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], qmp: QMPClient, stderr: StderrTap) -> None:
-        self.process = process
-        self.qmp = qmp
-        self.stderr = stderr
-        self._exited = asyncio.Event()
-        self._pidfd = os.pidfd_open(process.pid)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self._pidfd, self._on_exit)
-        loop.add_reader(stderr.fd, self._on_stderr)
+    def reason(self) -> str | None:
+        """Why the wait is called off (a stop signal's name...), or None; never blocks."""
 
-    def _on_stderr(self) -> None:
-        if not self.stderr.pump():
-            asyncio.get_running_loop().remove_reader(self.stderr.fd)
+
+class Exited:
+    """A `Watch` on a process (by pidfd): called off once it has exited."""
+
+    def __init__(self, pid: int, what: str) -> None:
+        self.pid = pid
+        self.what = what
+        self._pidfd = os.pidfd_open(pid)
+
+    @property
+    def fileno(self) -> int:
+        return self._pidfd
+
+    def reason(self) -> str | None:
+        if self._pidfd < 0 or not select.select([self._pidfd], [], [], 0)[0]:
+            return None
+        return f"{self.what} (pid {self.pid}) exited"
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+class Daemon:
+    """A running qemu-storage-daemon we own, every export of its graph mounted (`start`).
+    Always ended by `stop`."""
+
+    def __init__(
+        self, spawned: Spawned, pidfd: int, graph: BlockGraph, version: QemuVersion
+    ) -> None:
+        self.process = spawned.process
+        self.graph = graph
+        self.version = version
+        self._spawned = spawned
+        self._pidfd = pidfd
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    @classmethod
-    async def connect(cls, spawned: Spawned) -> StorageDaemon:
-        """Connect QMP to a daemon started by `spawn`; it is ours from then on.
-
-        :raise QemuError: QMP could not be established (the daemon has been ended).
-        """
-        qmp = QMPClient("qemu-storage-daemon")
-        try:
-            await qmp.connect(spawned.qmp_socket)
-        except QMPError as e:
-            spawned.abandon()
-            said = spawned.stderr.since(0)
-            raise QemuError(
-                f"qemu-storage-daemon did not answer on QMP: {said[-1] if said else e}"
-            ) from e
-        log.debug("qemu-storage-daemon pid %d, QMP up", spawned.process.pid)
-        return cls(spawned.process, qmp, spawned.stderr)
-
-    def _on_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._pidfd)
-        self._exited.set()
-
     @property
-    def exited(self) -> bool:
-        return self._exited.is_set()
+    def mountpoints(self) -> list[str]:
+        return [e.mountpoint for e in self.graph.exports]
 
-    async def wait_exit(self) -> int:
-        """Wait until the process has ended and return its ``Popen.returncode``."""
-        await self._exited.wait()
-        return self.process.wait()
-
-    async def stop(self, timeout: float = 5.0) -> int:
-        """Stop the daemon (it removes every export, then flushes and closes every node), wait,
-        and reap it.
-
-        By SIGTERM, with our QMP connection closed first, rather than by ``quit``: both only set
-        the daemon's ``exit_requested`` (``qemu_system_killed`` and ``qmp_quit`` in
-        storage-daemon/qemu-storage-daemon.c).  But a client still connected is sent
-        a BLOCK_EXPORT_DELETED event for each export, and was woken once per export while the
-        daemon unmounted: 128 images reverted in 33-37 ms that way, 24 ms this way, 1 s after
-        live (docs/benchmarks.md, "Round 5").  The unmounts wait on kernel threads, hence the
-        CPU latency request (`wakeups`).
-        """
-        with wakeups.prompt():
-            try:
-                await self.qmp.disconnect()
-            except Exception as e:  # whatever the connection's end was, the daemon is stopped
-                log.debug("QMP connection ended with: %r", e)
-            if not self.exited:
-                self.process.send_signal(signal.SIGTERM)  # a no-op once it has been reaped
-            try:
-                await asyncio.wait_for(self._exited.wait(), timeout)
-            except TimeoutError:
-                log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", self.pid)
-                self.process.kill()
-        await self.close()
-        return self.process.wait()
-
-    async def close(self) -> None:
-        """Drop the QMP connection and the pidfd; the process is not touched."""
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await self.qmp.disconnect()
+    def _close(self) -> None:
+        """Reap the process and close every descriptor we hold of it."""
+        self.process.wait()
+        _close(self._spawned)
         if self._pidfd >= 0:
-            with contextlib.suppress(ValueError, RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
-        if self.stderr.fd >= 0:
-            with contextlib.suppress(ValueError, RuntimeError):
-                asyncio.get_running_loop().remove_reader(self.stderr.fd)
-            self.stderr.close()
+
+
+def _close(spawned: Spawned) -> None:
+    with contextlib.suppress(OSError):
+        spawned.qmp_socket.close()
+    spawned.stderr.close()
+
+
+@contextlib.contextmanager
+def secret_files(secrets: Mapping[str, str]) -> Iterator[tuple[dict[str, str], list[int]]]:
+    """A pipe per secret holding its passphrase: (id -> ``/dev/fd/N``, the fds to pass down).
+
+    The passphrase is in no command line and no file; the pipes are closed on exit.
+    """
+    files: dict[str, str] = {}
+    fds: list[int] = []
+    try:
+        for key, passphrase in secrets.items():
+            data = passphrase.encode()
+            if len(data) >= select.PIPE_BUF * 16:
+                raise UsageError("the passphrase is too long")
+            read_end, write_end = os.pipe()
+            fds.append(read_end)
+            try:
+                os.write(write_end, data)
+            finally:
+                os.close(write_end)
+            files[key] = f"/dev/fd/{read_end}"
+        yield files, fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class _Waiter:
+    """One ``poll`` over the daemon's descriptors and the caller's watches."""
+
+    def __init__(self, spawned: Spawned, pidfd: int, watch: Sequence[Watch]) -> None:
+        self.spawned = spawned
+        self.pidfd = pidfd
+        self.watch = [w for w in watch if w.fileno >= 0]
+        self.poller = select.poll()
+        for fd in [pidfd, spawned.stderr.fd, *(w.fileno for w in self.watch)]:
+            if fd >= 0:
+                self.poller.register(fd, select.POLLIN)
+
+    def wait(self, timeout: float | None) -> set[int]:
+        """The descriptors that turned readable (the daemon's stderr is passed on here)."""
+        ready = {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
+        stderr = self.spawned.stderr
+        if stderr.fd in ready and not stderr.pump():
+            self.poller.unregister(stderr.fd)
+        return ready
+
+    def called_off(self) -> tuple[Watch, str] | None:
+        """The first watch that calls the wait off, and why; those with nothing more to say
+        (a process that exited) are polled no more."""
+        for w in self.watch:
+            why = w.reason()
+            if why is not None:
+                self.watch.remove(w)
+                with contextlib.suppress(KeyError, ValueError):
+                    self.poller.unregister(w.fileno)
+                return w, why
+        return None
+
+
+def _read_greeting(sock: socket.socket, buffer: bytearray) -> dict[str, object] | None:
+    """The QMP greeting, once all of its line has arrived; None until then."""
+    with contextlib.suppress(BlockingIOError):
+        buffer += sock.recv(65536, socket.MSG_DONTWAIT)
+    if b"\n" not in buffer:
+        return None
+    try:
+        greeting = json.loads(buffer.split(b"\n", 1)[0])
+    except ValueError:
+        return {}
+    return greeting if isinstance(greeting, dict) else {}
+
+
+def _version(greeting: Mapping[str, object]) -> QemuVersion:
+    qmp = greeting.get("QMP")
+    version = qmp.get("version") if isinstance(qmp, dict) else None
+    qemu = version.get("qemu") if isinstance(version, dict) else None
+    if not isinstance(qemu, dict):
+        return (0, 0, 0)
+    return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
+
+
+def explain(lines: list[str], graph: BlockGraph) -> FdeError | None:
+    """The error of a daemon that exited during setup, from what it printed, naming the image.
+
+    qemu-storage-daemon prints ``--blockdev {JSON}: reason`` for the option that failed; lines
+    before it that name no option are the cause libfuse or fusermount3 printed (QEMU's reason can
+    be as generic as "Failed to mount FUSE session to export").
+    """
+    rendered = [
+        (f"{option} {text}: ", step)
+        for step in graph.all_steps()
+        for option, text in [step.option()]
+    ]
+    for index, line in enumerate(lines):
+        for prefix, step in rendered:
+            if line.startswith(prefix):
+                reason = line[len(prefix) :]
+                causes = [c for c in lines[:index] if not c.startswith("--")]
+                if causes and causes[-1] not in reason:
+                    reason = f"{reason} ({causes[-1]})"
+                image = step.image if not step.image.startswith("secret ") else None
+                return qemu_error(reason, path=image)
+    return None
+
+
+def _detach_new(graph: BlockGraph, before: set[int]) -> list[str]:
+    """Detach the mounts the daemon made (not there before it started); return their paths."""
+    table = mounts.read_mounts()
+    detached = []
+    for export in graph.exports:
+        entry = mounts.mount_at(export.mountpoint, table)
+        if entry is not None and entry.mount_id not in before:
+            mounts.lazy_unmount(export.mountpoint)
+            detached.append(export.mountpoint)
+    return detached
+
+
+def _mounted_now(graph: BlockGraph) -> set[int]:
+    table = mounts.read_mounts()
+    return {
+        e.mount_id for x in graph.exports if (e := mounts.mount_at(x.mountpoint, table)) is not None
+    }
+
+
+def start(
+    graph: BlockGraph, *, pass_fds: Sequence[int] = (), watch: Sequence[Watch] = ()
+) -> Daemon:
+    """Start a qemu-storage-daemon that brings ``graph`` up; return once every export is live.
+
+    A watch that calls the setup off (a stop signal) does not stop the wait at once: the daemon
+    is mid-way through its options, and answers within milliseconds; it is then stopped.  One
+    that has not answered within `SETUP_GRACE` is killed.
+
+    :param pass_fds: descriptors the daemon inherits (a secret's pipe, the pid file watcher's).
+    :param watch: what may call the setup off.
+    :raise Interrupted: a watch called the setup off (nothing is left mounted).
+    :raise QemuError: the daemon refused an option or died (nothing is left mounted).
+    """
+    before = _mounted_now(graph)
+    started = time.monotonic()
+    spawned = spawn(graph.command_line(), pass_fds=pass_fds, descriptors=graph.descriptors())
+    log.debug("qemu-storage-daemon pid %d started", spawned.process.pid)
+    pidfd = os.pidfd_open(spawned.process.pid)
+    sock = spawned.qmp_socket.fileno()
+    waiter = _Waiter(spawned, pidfd, watch)
+    waiter.poller.register(sock, select.POLLIN)
+    greeting: dict[str, object] | None = None
+    buffer = bytearray()
+    deadline: float | None = None
+    stopped: str | None = None
+    try:
+        while greeting is None:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = waiter.wait(timeout)
+            if stopped is None and (called := waiter.called_off()) is not None:
+                stopped = called[1]
+                log.info("%s during setup: rolling back once qemu-storage-daemon is up", stopped)
+                deadline = time.monotonic() + SETUP_GRACE
+            if sock in ready:
+                greeting = _read_greeting(spawned.qmp_socket, buffer)
+            if greeting is None and pidfd in ready:
+                raise _died(spawned, graph, before, stopped)
+            if greeting is None and deadline is not None and time.monotonic() >= deadline:
+                log.warning(
+                    "qemu-storage-daemon (pid %d) does not answer; killing it", spawned.process.pid
+                )
+                raise Interrupted(stopped or "SIGINT")  # killed and detached just below
+    except BaseException:
+        if spawned.process.poll() is None:
+            spawned.process.kill()
+        spawned.process.wait()
+        os.close(pidfd)
+        _close(spawned)
+        _detach_new(graph, before)
+        raise
+    log.debug("live: %.1f ms after spawn", (time.monotonic() - started) * 1000)
+    spawned.stderr.release()
+    daemon = Daemon(spawned, pidfd, graph, _version(greeting))
+    if stopped is not None:
+        stop(daemon)
+        raise Interrupted(stopped)
+    return daemon
+
+
+def _died(spawned: Spawned, graph: BlockGraph, before: set[int], stopped: str | None) -> FdeError:
+    status = spawned.process.wait()
+    lines = spawned.stderr.since(0)
+    for line in lines:
+        log.debug("qemu-storage-daemon said: %s", line)
+    detached = _detach_new(graph, before)
+    if detached:
+        log.debug("detached what it had mounted: %s", ", ".join(detached))
+    if stopped is not None and status < 0:
+        return Interrupted(stopped)
+    error = explain(lines, graph)
+    if error is None:
+        said = f": {lines[-1]}" if lines else ""
+        error = QemuError(f"qemu-storage-daemon {describe_exit(status)} during setup{said}")
+    return error
+
+
+def serve(daemon: Daemon, *, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
+    """Serve until a watch calls it off; return that watch and its reason.  The daemon is
+    still running: `stop` it.
+
+    :raise QemuError: the daemon died while serving (its mounts have been detached).
+    """
+    waiter = _Waiter(daemon._spawned, daemon._pidfd, watch)
+    while True:
+        called = waiter.called_off()
+        if called is not None:
+            return called
+        if daemon._pidfd in waiter.wait(None):
+            status = daemon.process.wait()
+            left = _detach_new(daemon.graph, set())
+            log.debug("detached the dead mounts on %s", ", ".join(left))
+            raise QemuError(
+                f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while serving; "
+                f"unmounted {', '.join(daemon.mountpoints)}"
+            )
+
+
+def stop(daemon: Daemon, timeout: float = STOP_TIMEOUT) -> int:
+    """Stop the daemon, reap it, and return its ``Popen.returncode``; whatever it left mounted
+    is detached.  Stopping one that has stopped already just returns its status."""
+    process = daemon.process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        if not select.select([daemon._pidfd], [], [], timeout)[0]:
+            log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
+            process.kill()
+    daemon._close()
+    status = process.returncode
+    left = _detach_new(daemon.graph, set())
+    if left:
+        log.warning("a mount was left on %s; detached it", ", ".join(left))
+    log.debug("qemu-storage-daemon %s", describe_exit(status))
+    return status

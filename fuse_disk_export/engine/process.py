@@ -1,4 +1,4 @@
-"""Starting qemu-storage-daemon, without asyncio or qemu.qmp, and reading what it says.
+"""Starting qemu-storage-daemon (and a ``--mount-fs`` driver), and reading what they say.
 
 It starts with the graph's options and then a QMP monitor on one end of a socketpair
 (connecting to a listening socket races at start-up), in a session of its own (a terminal's
@@ -10,68 +10,62 @@ import collections
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import lazylog
-from fuse_disk_export.engine import onecpu
 from fuse_disk_export.errors import LockedError, QemuError, RequirementError
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
-    """Runs in the child between fork and exec: SIGTERM when the thread that forked us dies."""
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _die_with_parent(parent: int) -> None:
+    """The one thing done in the child between fork and exec (CPython warns that code there is
+    unsafe where the parent has threads, so nothing else is): SIGTERM when the thread that
+    forked us dies.  There is no way to ask for it from outside the child."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     # The parent may have died before prctl; then nobody would ever signal us.
     if os.getppid() != parent:
         os._exit(1)
 
 
-class ChildSetup(NamedTuple):
-    """What the child gets between fork and exec, beyond what every child gets."""
+@contextlib.contextmanager
+def room_for_descriptors(count: int) -> Iterator[None]:
+    """While the block runs, a child forked in it starts with room for ``count`` descriptors.
 
-    #: Start on this CPU alone (`onecpu`).
-    cpu: int | None = None
-    #: Descriptors the child will hold at once, about (`reserve_descriptors`).
-    descriptors: int = 0
-
-
-def reserve_descriptors(count: int) -> None:
-    """Between fork and exec: make room in this process's descriptor table for ``count``.
-
-    The kernel grows a table that is full by doubling it, and in a process with threads each
-    growth waits for an RCU grace period (milliseconds).  qemu-storage-daemon has threads before
-    it opens anything, and holds two descriptors per image (the file, /dev/fuse): from the
-    default 64 slots to 512 for 128 images, three waits, 40 of its 87 ms to go live
-    (docs/benchmarks.md, "Round 4").  Grown here, before exec (one thread), it costs nothing;
-    the table survives exec, and a table never shrinks.  Beyond RLIMIT_NOFILE, it grows as far
-    as the limit lets it.
+    The kernel grows a descriptor table that is full by doubling it, and in a process with
+    threads each growth waits for an RCU grace period (milliseconds).  qemu-storage-daemon has
+    threads before it opens anything, and holds two descriptors per image (the file,
+    /dev/fuse): from the default 64 slots to 512 for 128 images, three waits, 40 of its 87 ms to
+    go live (docs/benchmarks.md, "Round 4").  A forked child's table is a copy of ours as far as
+    our highest open descriptor (``dup_fd``), and survives exec: so we hold one open that high
+    across the fork (close-on-exec, and closed in the child with the others), nothing between
+    fork and exec.  Our own table grows once and never shrinks.  Beyond RLIMIT_NOFILE, as far as
+    the limit lets it.
     """
-    highest = min(count, os.sysconf("SC_OPEN_MAX")) - 1  # RLIMIT_NOFILE, without `resource`
-    if highest < _DEFAULT_TABLE:
-        return
-    with contextlib.suppress(OSError):
-        # The lowest free slot from there up: never one of the descriptors still open here
-        # (those passed on, subprocess's own), which dup2 would replace.
-        os.close(fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, highest))
+    highest = min(count, os.sysconf("SC_OPEN_MAX")) - 1
+    fd = -1
+    if highest >= _DEFAULT_TABLE:
+        with contextlib.suppress(OSError):
+            # The lowest free slot from there up.
+            fd = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, highest)
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 #: The slots a new process's descriptor table has (NR_OPEN_DEFAULT).
 _DEFAULT_TABLE = 64
-
-
-def _in_child(libc: ctypes.CDLL, parent: int, setup: ChildSetup) -> None:
-    die_with_parent(libc, parent)
-    if setup.cpu is not None:
-        onecpu.pin_self(setup.cpu)
-    reserve_descriptors(setup.descriptors)
 
 
 def describe_exit(status: int) -> str:
@@ -161,35 +155,6 @@ class Spawned(NamedTuple):
     process: subprocess.Popen[bytes]
     qmp_socket: socket.socket
     stderr: StderrTap
-    #: Started on one CPU (`onecpu`): `unpin` once up.
-    pinning: onecpu.Pinning | None = None
-
-    def unpin(self) -> None:
-        """Every CPU we may use, to every thread of the daemon (once it is up)."""
-        if self.pinning is not None:
-            onecpu.release(self.process.pid, self.pinning.cpus)
-
-    def abandon(self) -> None:
-        """End a daemon nobody has connected to yet (ours, by pid), and close our end."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        with contextlib.suppress(OSError):
-            self.qmp_socket.close()
-        self.stderr.close()
-
-
-def which(program: str) -> str | None:
-    """Where ``program`` is on PATH, as `shutil.which` finds it: without importing shutil, which
-    (with bz2, lzma and fnmatch) costs more at start-up than the search itself."""
-    search = os.environ.get("PATH", os.defpath)
-    if not search:
-        return None
-    for directory in search.split(os.pathsep):
-        path = os.path.join(directory, program)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return path
-    return None
 
 
 def find_binary(binary: str = "qemu-storage-daemon") -> str:
@@ -197,7 +162,7 @@ def find_binary(binary: str = "qemu-storage-daemon") -> str:
 
     :raise RequirementError: it is not installed.
     """
-    path = which(binary)
+    path = shutil.which(binary)
     if path is None:
         raise RequirementError(
             f"{binary} not found (Debian package qemu-system-common; qemu-utils from QEMU 10)"
@@ -225,41 +190,29 @@ def spawn(
     :raise RequirementError: the binary is not installed.
     """
     path = find_binary(binary)
-    pinning = onecpu.choose()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         fd = theirs.fileno()
         argv = [path, *options, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
         # Room for the daemon's own as well (event notifiers, the monitor, io_uring, libraries).
-        setup = ChildSetup(
-            cpu=pinning.cpu if pinning is not None else None,
-            descriptors=_DEFAULT_TABLE + descriptors,
-        )
-        process, tap = start_child(argv, pass_fds=(fd, *pass_fds), stderr=stderr, setup=setup)
+        with room_for_descriptors(_DEFAULT_TABLE + descriptors):
+            process, tap = start_child(argv, pass_fds=(fd, *pass_fds), stderr=stderr)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-    return Spawned(process, ours, tap, pinning)
+    return Spawned(process, ours, tap)
 
 
 def start_child(
-    argv: Sequence[str],
-    *,
-    pass_fds: Sequence[int] = (),
-    stderr: int = 2,
-    setup: ChildSetup | None = None,
+    argv: Sequence[str], *, pass_fds: Sequence[int] = (), stderr: int = 2
 ) -> tuple[subprocess.Popen[bytes], StderrTap]:
     """Start ``argv`` as a child that never outlives us: in a session of its own (a terminal's
     Ctrl-C reaches only us, and we stop it in order), with a parent-death signal, and its stderr
-    tapped (passed on to ``stderr``, its latest lines kept for errors), and ``setup`` done."""
-    if log.isEnabledFor(lazylog.DEBUG):
-        log.debug("starting %s", " ".join(argv))
-    libc = ctypes.CDLL(None, use_errno=True)
+    tapped (passed on to ``stderr``, its latest lines kept for errors)."""
+    log.debug("starting %s", " ".join(argv))
     parent = os.getpid()
-    if setup is None:
-        setup = ChildSetup()
     errors_r, errors_w = os.pipe()
     try:
         process = subprocess.Popen(
@@ -269,7 +222,7 @@ def start_child(
             stderr=errors_w,
             pass_fds=tuple(pass_fds),
             start_new_session=True,
-            preexec_fn=lambda: _in_child(libc, parent, setup),
+            preexec_fn=lambda: _die_with_parent(parent),
         )
     except BaseException:
         os.close(errors_r)

@@ -3,8 +3,8 @@
 The graph goes to qemu-storage-daemon on its command line, so it is planned before the daemon's
 greeting could say which version it is.  ``qemu-storage-daemon --version`` says it, at the cost of
 starting one more process; its answer is kept per binary (path, inode, size, modification time)
-in the runtime registry folder, and the greeting of every run writes it again, so the cost is paid
-once per installed QEMU.
+in a cache file the caller names (the command line: in its runtime registry folder), and the
+greeting of every run writes it again, so the cost is paid once per installed QEMU.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import os
 import re
 import subprocess
 
-from fuse_disk_export import state
 from fuse_disk_export.engine.versions import QemuVersion
 
-_CACHE = "qemu-versions.json"
+#: The cache's file name, in the folder the caller gives.
+CACHE = "qemu-versions.json"
 
 
 def _key(binary: str) -> str:
@@ -26,33 +26,42 @@ def _key(binary: str) -> str:
     return f"{os.path.realpath(binary)}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _load() -> dict[str, list[int]]:
+def _load(cache: str) -> dict[str, list[int]]:
     try:
-        with open(os.path.join(state.registry_dir(), _CACHE), encoding="utf-8") as f:
+        with open(cache, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def remember(binary: str, version: QemuVersion) -> None:
-    """Keep ``binary``'s version (from its greeting) for the next plan.  Never raises."""
+def remember(binary: str, version: QemuVersion, cache: str) -> None:
+    """Keep ``binary``'s version (from its greeting) in file ``cache`` for the next plan.  Never
+    raises."""
     with contextlib.suppress(OSError, ValueError):
         key = _key(binary)
-        known = _load()
+        known = _load(cache)
         if known.get(key) == list(version):
             return
         known = {k: v for k, v in known.items() if not k.startswith(key.split(":", 1)[0] + ":")}
         known[key] = list(version)
-        directory = state.registry_dir()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        state.write_atomically(os.path.join(directory, _CACHE), json.dumps(known), mode=0o600)
+        os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
+        # Written beside, then renamed: readers see the old cache or the new one.
+        tmp = f"{cache}.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8", opener=_private) as f:
+            f.write(json.dumps(known))
+        os.replace(tmp, cache)
 
 
-def of(binary: str) -> QemuVersion | None:
-    """``binary``'s version, from the cache or from ``--version``; None if it cannot be told."""
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+
+
+def of(binary: str, cache: str) -> QemuVersion | None:
+    """``binary``'s version, from file ``cache`` or from ``--version``; None if it cannot be
+    told."""
     with contextlib.suppress(OSError):
-        value = _load().get(_key(binary))
+        value = _load(cache).get(_key(binary))
         if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value):
             return (value[0], value[1], value[2])
     try:
@@ -69,5 +78,5 @@ def of(binary: str) -> QemuVersion | None:
     if found is None:
         return None
     version = (int(found[1]), int(found[2]), int(found[3]))
-    remember(binary, version)
+    remember(binary, version, cache)
     return version

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
-from fuse_disk_export import lazylog, mounts
+from fuse_disk_export import mounts
 from fuse_disk_export.engine import versions
 from fuse_disk_export.engine.graph import BlockGraph, ExportPlan
 
-log = lazylog.get(__name__)
+log = logging.getLogger(__name__)
 
 
 def _arm(mountpoint: str) -> bool:

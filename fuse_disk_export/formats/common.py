@@ -4,7 +4,7 @@ import os
 from typing import Final, NamedTuple
 
 from fuse_disk_export.bounded import BoundedReader, OverBudget, Reader, ReadFailed
-from fuse_disk_export.errors import ImageError
+from fuse_disk_export.errors import ImageError, ProbeLimitError
 
 #: The most bytes one probe reads, all reads together.  Headers are small; what is large (tables,
 #: descriptors, extension areas) is bounded below so that the worst case, vhdx, stays well under it.
@@ -38,15 +38,6 @@ class ImageInfo(NamedTuple):
 
 #: `ImageInfo.read_only` of the formats QEMU has no write support for at all.
 READ_ONLY_DRIVER: Final = "QEMU's driver for this format is read-only"
-
-
-class ProbeLimitError(ImageError):
-    """A probe would have read more than `MAX_PROBE_BYTES`.
-
-    Every parser bounds its own reads well below the limit, so this means a parser lost its bound:
-    it is an `ImageError` so that callers need nothing special, and a class of its own so that the
-    fuzz tests can tell it from an honest refusal.
-    """
 
 
 class Source(BoundedReader):

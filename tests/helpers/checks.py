@@ -15,6 +15,12 @@ import pytest
 from fuse_disk_export import mounts
 from tests.helpers.runner import pid_gone
 
+#: How soon a death is noticed, a refusal made, a rollback finished.  The product's bound is 1 s,
+#: and these take milliseconds here; the tests allow 5 s so that a busy CI machine does not fail
+#: them, which still fails anything that polls slowly or falls back to a timeout (the engine's
+#: shortest, SETUP_GRACE, is 3 s and is followed by more work).
+PROMPT = 5.0
+
 #: The start-up warning every writable export gets on QEMU < 8.0 (README, Safety): not the error.
 PUNCH_HOLE_WARNING = "turns a punched hole into an advisory discard"
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers.checks import is_mounted
 from tests.helpers.images import SAMPLE, image_format, make_qcow2, qemu_img, qemu_io
-from tests.helpers.runner import Processes, Runner, daemon_children, pid_gone, wait_for
+from tests.helpers.runner import Processes, Runner, pid_gone, wait_for
 from tests.helpers.units import MiB
 
 
@@ -107,23 +107,6 @@ def test_pid_file_gone_means_reverted(fde: Runner, tmp_path: Path) -> None:
     assert all(pid_gone(daemon) for daemon in daemons)
     assert not any(is_mounted(img) for img in images)
     assert {image_format(img) for img in images} == {"qcow2"}
-
-
-def test_daemon_serves_on_every_cpu(fde: Runner, tmp_path: Path) -> None:
-    """qemu-storage-daemon starts on one CPU (engine/onecpu.py), but serves on all of ours: the
-    threads it had then, and those it starts for the I/O that follows."""
-    img = make_qcow2(tmp_path / "foo.qcow2", "64M", *SAMPLE)
-    pid_file = tmp_path / "fde.pid"
-    pid = start_detached(fde, pid_file, img)
-    (daemon,) = daemon_children(pid)
-    with open(img, "rb") as f:
-        assert len(f.read(8 * MiB)) == 8 * MiB
-    ours = set(os.sched_getaffinity(0))
-    threads = psutil.Process(daemon).threads()
-    assert {frozenset(os.sched_getaffinity(t.id)) for t in threads} == {frozenset(ours)}
-    os.kill(pid, signal.SIGINT)
-    wait_for(lambda: not pid_file.exists(), what="the pid file to be removed")
-    assert image_format(img) == "qcow2"
 
 
 def test_daemonize_relative_paths(fde: Runner, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import pytest
 
 from fuse_disk_export import mounts
 from tests.helpers.checks import (
+    PROMPT,
     assert_all_clean,
     assert_not_mounted,
     daemons_using,
@@ -56,9 +57,6 @@ from tests.helpers.runner import (
 from tests.helpers.units import MiB
 
 pytestmark = pytest.mark.faults
-
-#: The brief's bound for noticing a death and for refusing a busy path.
-PROMPT = 1.0
 
 
 def fill(path: Path, byte: int, offset: int, length: int) -> None:

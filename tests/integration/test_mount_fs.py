@@ -19,19 +19,10 @@ import pytest
 
 from fuse_disk_export import mounts
 from tests.helpers.checks import assert_all_clean, is_mounted
-from tests.helpers.host import require
+from tests.helpers.disks import tool
 from tests.helpers.images import qemu_img
 from tests.helpers.runner import Runner, pid_gone, wait_for
 from tests.helpers.units import MiB
-
-SBIN = "/usr/local/sbin:/usr/sbin:/sbin:" + os.environ.get("PATH", "")
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name, path=SBIN)
-    require(found is not None, name)
-    assert found is not None
-    return found
 
 
 def _table(raw: Path, *parts: tuple[int, int, str]) -> None:
@@ -67,7 +58,7 @@ def _mkfs(raw: Path, fs: str, offset: int, size: int) -> None:
     part.unlink()
 
 
-def make_disk(root: Path, fs: str, fmt: str = "qcow2", table: bool = True) -> Path:
+def filesystem_disk(root: Path, fs: str, fmt: str = "qcow2", table: bool = True) -> Path:
     raw = root / "disk.raw"
     with open(raw, "wb") as f:
         f.truncate(64 * MiB)
@@ -109,7 +100,7 @@ def _files_ready(fde: Runner, root: Path, *args: str) -> tuple[Path, Path]:
 
 
 def test_ext4_in_a_gpt_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "ext4")
+    image = filesystem_disk(tmp_path, "ext4")
     directory, pid_file = _files_ready(fde, tmp_path, str(image))
     assert (directory / "hello.txt").read_text() == "hello from ext4\n"
     (directory / "new.txt").write_text("written through both layers\n")
@@ -137,7 +128,7 @@ def test_ext4_in_a_gpt_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["vmdk", "vdi"])
 def test_whole_disk_ext4_without_a_table(fde: Runner, tmp_path: Path, fmt: str) -> None:
-    image = make_disk(tmp_path, "ext4", fmt=fmt, table=False)
+    image = filesystem_disk(tmp_path, "ext4", fmt=fmt, table=False)
     start = time.monotonic()
     directory, pid_file = _files_ready(fde, tmp_path, "-r", str(image))
     names = os.listdir(directory)
@@ -148,7 +139,7 @@ def test_whole_disk_ext4_without_a_table(fde: Runner, tmp_path: Path, fmt: str) 
 
 
 def test_ntfs_read_write(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "ntfs")
+    image = filesystem_disk(tmp_path, "ntfs")
     directory, pid_file = _files_ready(fde, tmp_path, str(image))
     (directory / "n.txt").write_text("ntfs\n")
     _stop(pid_file)
@@ -161,7 +152,7 @@ def test_ntfs_read_write(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "vfat")
+    image = filesystem_disk(tmp_path, "vfat")
     directory = _mount_dir(tmp_path)
     refused = fde.run("--mount-fs", str(directory), str(image))
     assert refused.returncode == 2 and "fusefat" in refused.stderr and "-r" in refused.stderr
@@ -173,7 +164,7 @@ def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_sigint_unmounts_both_layers(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "ext4")
+    image = filesystem_disk(tmp_path, "ext4")
     directory = _mount_dir(tmp_path)
     proc = fde.start_live("--mount-fs", str(directory), str(image))
     assert is_mounted(directory)
@@ -193,7 +184,7 @@ def _driver(directory: Path) -> int:
 
 @pytest.mark.parametrize("victim", ["driver", "daemon"])
 def test_a_killed_layer_leaves_no_dead_mount(fde: Runner, tmp_path: Path, victim: str) -> None:
-    image = make_disk(tmp_path, "ext4")
+    image = filesystem_disk(tmp_path, "ext4")
     directory, pid_file = _files_ready(fde, tmp_path, str(image))
     serving = int(pid_file.read_text())
     if victim == "driver":
@@ -232,7 +223,7 @@ def test_choice_of_partition(fde: Runner, tmp_path: Path) -> None:
 
 def test_whole_disk_fat_in_a_vhdx(fde: Runner, tmp_path: Path) -> None:
     # A USB stick's layout: mkfs.fat on the whole disk, no table; its boot sector ends in 55 AA.
-    image = make_disk(tmp_path, "vfat", fmt="vhdx", table=False)
+    image = filesystem_disk(tmp_path, "vfat", fmt="vhdx", table=False)
     listed = fde.run("--list-partitions", str(image))
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines() == [f"{image}: no partition table; the whole disk holds vfat"]
@@ -248,7 +239,7 @@ def test_whole_disk_fat_in_a_vhdx(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_whole_disk_ntfs_in_a_qcow2_read_write(fde: Runner, tmp_path: Path) -> None:
-    image = make_disk(tmp_path, "ntfs", fmt="qcow2", table=False)
+    image = filesystem_disk(tmp_path, "ntfs", fmt="qcow2", table=False)
     directory, pid_file = _files_ready(fde, tmp_path, str(image))
     (directory / "n.txt").write_text("through ntfs-3g\n")
     _stop(pid_file, tmp_path)

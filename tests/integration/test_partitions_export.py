@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.checks import is_mounted
+from tests.helpers.disks import parted_disk, run
 from tests.helpers.host import require
 from tests.helpers.images import image_format, make_qcow2, qemu_img, qemu_io
 from tests.helpers.runner import Runner, pid_gone, wait_for
@@ -23,17 +23,11 @@ def fs_tools() -> None:
         require(shutil.which(tool) is not None, tool)
 
 
-def run(*argv: str) -> str:
-    out = subprocess.run(argv, capture_output=True, text=True)
-    assert out.returncode == 0, f"{argv}: {out.stdout}{out.stderr}"
-    return out.stdout
-
-
-def make_disk(tmp_path: Path, label: str, parts: list[str], fs_part: tuple[int, int]) -> Path:
+def ext4_in_partition(
+    tmp_path: Path, label: str, parts: list[str], fs_part: tuple[int, int]
+) -> Path:
     """A qcow2 with a partition table made by parted; partition ``fs_part`` holds ext4."""
-    raw = tmp_path / "disk.raw"
-    run("truncate", "-s", "64M", str(raw))
-    run("parted", "-s", str(raw), "mklabel", label, *parts)
+    raw = parted_disk(tmp_path / "disk.raw", 64 * MiB, "mklabel", label, *parts)
     start, size = fs_part
     run("mkfs.ext4", "-q", "-F", "-E", f"offset={start}", str(raw), f"{size // 1024}k")
     img = tmp_path / "disk.qcow2"
@@ -76,7 +70,7 @@ def check_partition_round_trip(
 
 
 def test_gpt_partition_2(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(
+    img = ext4_in_partition(
         tmp_path,
         "gpt",
         ["mkpart", "one", "1MiB", "9MiB", "mkpart", "two", "ext4", "9MiB", "41MiB"],
@@ -86,7 +80,7 @@ def test_gpt_partition_2(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
 
 
 def test_mbr_logical_partition(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(
+    img = ext4_in_partition(
         tmp_path,
         "msdos",
         [
@@ -110,7 +104,7 @@ def test_mbr_logical_partition(fde: Runner, tmp_path: Path, fs_tools: None) -> N
 
 
 def test_list_partitions(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(
+    img = ext4_in_partition(
         tmp_path,
         "gpt",
         ["mkpart", "boot", "1MiB", "9MiB", "mkpart", "root", "ext4", "9MiB", "41MiB"],
@@ -127,7 +121,9 @@ def test_list_partitions(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
 
 
 def test_missing_partition_is_one_line(fde: Runner, tmp_path: Path, fs_tools: None) -> None:
-    img = make_disk(tmp_path, "gpt", ["mkpart", "one", "ext4", "1MiB", "33MiB"], (MiB, 32 * MiB))
+    img = ext4_in_partition(
+        tmp_path, "gpt", ["mkpart", "one", "ext4", "1MiB", "33MiB"], (MiB, 32 * MiB)
+    )
     result = fde.run("-P", "7", "-m", str(tmp_path / "p.img"), str(img))
     assert result.returncode != 0
     assert "no partition 7" in result.stderr and str(img) in result.stderr

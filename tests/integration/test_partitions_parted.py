@@ -9,52 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
-
 from fuse_disk_export.partitions import PartitionTable, read_table
+from tests.helpers.disks import SBIN_PATH, parted_disk, run
 from tests.helpers.units import MiB
-
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name, path=SBIN_PATH)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required when CI=true, and is not installed")
-        pytest.skip(f"{name} is not installed")
-    return found
 
 
 def sfdisk_json(image: Path) -> list[dict[str, str]] | None:
     """sfdisk's view of the partitions, a second opinion; None if sfdisk is missing (not in CI)."""
     if shutil.which("sfdisk", path=SBIN_PATH) is None and os.environ.get("CI") != "true":
         return None
-    out = run(tool("sfdisk"), "--json", str(image))
+    out = run("sfdisk", "--json", str(image))
     partitions: list[dict[str, str]] = json.loads(out)["partitiontable"]["partitions"]
     return partitions
-
-
-def run(*argv: str) -> str:
-    # parted calls udevadm to settle devices; on a plain file that is noise, not failure.
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"{argv} failed: {done.stderr}"
-    return done.stdout
-
-
-def make_disk(tmp_path: Path, size: int, *commands: str) -> Path:
-    """A sparse image of `size` bytes on which parted has run `commands` (shell-quoted strings)."""
-    image = tmp_path / "disk.img"
-    with image.open("wb") as f:
-        f.truncate(size)  # sparse: only the tables get written
-    script = [word for command in commands for word in shlex.split(command)]
-    run(tool("parted"), "-s", str(image), *script)
-    return image
 
 
 def read_image(image: Path) -> PartitionTable:
@@ -68,7 +37,7 @@ def read_image(image: Path) -> PartitionTable:
 
 def parted_print(image: Path) -> dict[int, tuple[int, int, str]]:
     """{number: (start, size, name)} from parted's machine-readable listing, in bytes."""
-    out = run(tool("parted"), "-m", "-s", str(image), "unit", "B", "print")
+    out = run("parted", "-m", "-s", str(image), "unit", "B", "print")
     lines = [line.rstrip(";") for line in out.splitlines()]
     assert lines[0] == "BYT"
     rows = {}
@@ -80,8 +49,8 @@ def parted_print(image: Path) -> dict[int, tuple[int, int, str]]:
 
 
 def test_msdos_primary_extended_and_logicals(tmp_path: Path) -> None:
-    image = make_disk(
-        tmp_path,
+    image = parted_disk(
+        tmp_path / "disk.img",
         64 * MiB,
         "mklabel msdos",
         "mkpart primary ext4 1MiB 10MiB",
@@ -113,8 +82,8 @@ def test_msdos_primary_extended_and_logicals(tmp_path: Path) -> None:
 
 
 def test_gpt_named_partitions(tmp_path: Path) -> None:
-    image = make_disk(
-        tmp_path,
+    image = parted_disk(
+        tmp_path / "disk.img",
         64 * MiB,
         "mklabel gpt",
         "mkpart alpha fat32 1MiB 10MiB",
@@ -135,7 +104,7 @@ def test_gpt_named_partitions(tmp_path: Path) -> None:
 
 
 def test_gpt_primary_destroyed_uses_backup(tmp_path: Path) -> None:
-    image = make_disk(tmp_path, 32 * MiB, "mklabel gpt", "mkpart only 1MiB 31MiB")
+    image = parted_disk(tmp_path / "disk.img", 32 * MiB, "mklabel gpt", "mkpart only 1MiB 31MiB")
     good = read_image(image)
     with image.open("r+b") as f:
         f.seek(512)

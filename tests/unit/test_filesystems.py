@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -86,21 +83,6 @@ def test_magic_numbers() -> None:
     assert probe(reader(bytes(100))) is None
 
 
-@pytest.mark.parametrize("fs", ["ext4", "vfat"])
-def test_real_filesystems(tmp_path: Path, fs: str) -> None:
-    image = tmp_path / "fs.img"
-    with open(image, "wb") as f:
-        f.truncate(8 << 20)
-    mkfs = {"ext4": ["mkfs.ext4", "-q", "-F"], "vfat": ["mkfs.fat"]}[fs]
-    path = shutil.which(mkfs[0], path="/usr/sbin:/sbin:/usr/bin")
-    if path is None:
-        pytest.skip(f"{mkfs[0]} is missing")
-    subprocess.run([path, *mkfs[1:], str(image)], check=True, capture_output=True)
-    data = image.read_bytes()[:PROBE_BYTES]
-    assert probe(reader(data)) == {"ext4": "ext", "vfat": "vfat"}[fs]
-    assert identify(reader(data), PROBE_BYTES) == fs
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=PROBE_BYTES))
 def test_any_bytes_are_safe(data: bytes) -> None:
@@ -113,11 +95,12 @@ def test_mutated_superblocks_are_safe(at: int, patch: bytes) -> None:
     for base in (fat(), b"hsqs" + bytes(4092), b"XFSB" + bytes(4092)):
         data = bytearray(base)
         data[at : at + len(patch)] = patch
-        probe(reader(bytes(data[:PROBE_BYTES])), len(data))
+        found = probe(reader(bytes(data[:PROBE_BYTES])), len(data))
+        assert found is None or found in filesystems.DRIVERS or found in filesystems.FAMILIES
 
 
 def test_a_missing_driver_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fsmount, "which", lambda name: None)
+    monkeypatch.setattr(fsmount.shutil, "which", lambda name: None)
     with pytest.raises(RequirementError, match=r"fuse2fs not found.*Debian package fuse2fs"):
         fsmount.find_driver("ext")
     with pytest.raises(RequirementError, match="Debian package ntfs-3g"):

@@ -64,7 +64,7 @@ def test_command_line_renders_every_step_as_an_option_with_json() -> None:
 
 
 def test_explain_maps_a_failed_option_to_its_image() -> None:
-    from fuse_disk_export.engine.bringup import explain
+    from fuse_disk_export.engine.daemon import explain
     from fuse_disk_export.errors import LockedError
 
     graph = plan([spec("/img/a.qcow2"), spec("/img/b.qcow2")])

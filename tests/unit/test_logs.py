@@ -56,3 +56,28 @@ def test_syslog_when_the_socket_exists(tmp_path: Path) -> None:
 def test_nowhere_without_log_file_or_syslog(tmp_path: Path) -> None:
     handler = logs.daemon_handler(None, syslog=str(tmp_path / "no-such-socket"))
     assert isinstance(handler, logging.NullHandler)
+
+
+def test_warnings_are_collected_until_stopped() -> None:
+    log = logging.getLogger("fuse_disk_export.test")
+    with logs.WarningCollector() as collected:
+        log.info("no")
+        log.warning("%s: cannot serialize writes", "/x")
+        log.error("e")
+        collected.stop()
+        log.warning("late")
+    collected.stop()  # twice: harmless
+    assert collected.messages == ["/x: cannot serialize writes", "e"]
+
+
+def test_warnings_are_collected_when_the_terminal_shows_only_errors() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.setup_terminal(verbose=False, quiet=True)
+        with logs.WarningCollector() as collected:
+            logging.getLogger("fuse_disk_export.test").warning("collected, not printed")
+        assert collected.messages == ["collected, not printed"]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)

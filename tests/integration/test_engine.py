@@ -1,0 +1,72 @@
+"""The engine's face, driven directly: start, serve (until a watch calls it off, or the daemon
+dies), stop; with nothing of the application (no signals, no pid file, no registry)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fuse_disk_export import engine
+from fuse_disk_export.errors import QemuError
+from fuse_disk_export.images import ImageOptions, resolve
+from tests.helpers.checks import assert_all_clean, assert_not_mounted, is_mounted
+from tests.helpers.images import SAMPLE, image_format, make_qcow2
+from tests.helpers.runner import Runner
+
+
+@pytest.fixture
+def graph(fde: Runner, tmp_path: Path) -> engine.BlockGraph:
+    """One read-only qcow2 (``fde`` checks that nothing is left mounted after the test)."""
+    img = make_qcow2(tmp_path / "a.qcow2", "64M", *SAMPLE)
+    return engine.plan([resolve(str(img), ImageOptions(read_only=True)).spec], engine.Tuning())
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_served_until_a_watched_process_exits(
+    graph: engine.BlockGraph, tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    daemon = engine.start(graph)
+    try:
+        (mountpoint,) = daemon.mountpoints
+        assert image_format(mountpoint) == "raw"
+        exited = engine.Exited(sleeper.pid, "sleep")
+        try:
+            sleeper.kill()
+            by, why = engine.serve(daemon, watch=[exited])
+        finally:
+            exited.close()
+        assert by is exited and why == f"sleep (pid {sleeper.pid}) exited"
+        assert is_mounted(mountpoint)
+    finally:
+        status = engine.stop(daemon)
+    assert status == 0
+    assert_not_mounted(mountpoint)
+    assert image_format(mountpoint) == "qcow2"
+    assert engine.stop(daemon) == 0  # a second stop just reports
+    assert_all_clean(tmp_path)
+
+
+def test_a_daemon_that_dies_while_serving_is_reported_and_detached(
+    graph: engine.BlockGraph, tmp_path: Path
+) -> None:
+    daemon = engine.start(graph)
+    try:
+        os.kill(daemon.pid, signal.SIGKILL)
+        with pytest.raises(QemuError, match="killed by SIGKILL while serving"):
+            engine.serve(daemon)
+        assert_not_mounted(daemon.mountpoints[0])
+    finally:
+        assert engine.stop(daemon) == -signal.SIGKILL
+    assert_all_clean(tmp_path)
