@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fuse_disk_export.filesystems import PROBE_BYTES, identify, probe
-from tests.unit.test_filesystems import reader
+from fuse_disk_export.filesystems import identify
+from tests.unit.test_filesystems import (
+    PROBE_BYTES,
+    probe,
+    reader,
+)
 
 
 @pytest.mark.parametrize("fs", ["ext4", "vfat"])
