@@ -194,19 +194,18 @@ def start_qsd_safe(ctx: Ctx, images: Sequence[str], pid_file: str) -> Live:
     (on QEMU before 8.0, the punched-hole guard's two nodes per image) on the command line, with
     ``--daemonize``; then, as a careful user must, the guard applied (a flush of every export
     arms it, and max_background=1 on every FUSE connection), which counts towards live."""
-    from fuse_disk_export import cli, state
-    from fuse_disk_export.engine import qemuversion, versions, writeguard
+    from fuse_disk_export import choices, cli, state
+    from fuse_disk_export.engine import qemuinfo, writeguard
     from fuse_disk_export.engine.graph import plan
     from fuse_disk_export.engine.process import find_binary
     from fuse_disk_export.request import build_request
 
     binary = find_binary()
-    version = qemuversion.of(binary, os.path.join(state.registry_dir(), qemuversion.CACHE))
+    info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
+    version = info.version if info is not None else None
     options = cli.options_from(cli.build_parser().parse_args(list(images)))
     request = build_request(options, ask_passphrase=None)
-    tuning = request.tuning._replace(
-        hole_guard=version is None or versions.punch_hole_may_keep_data(version)
-    )
+    tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
     graph = plan([r.spec for r in request.images], tuning)
     ctx.janitor.mounts.update(images)
     t0 = time.monotonic()

@@ -48,6 +48,7 @@ class ExportOptions(TypedDict, total=False):
     aio: Aio | None
     nbd_socket: PathLike | None
     write_guard: bool
+    iothreads: int | None
 
 
 def _path(value: PathLike | None) -> str | None:

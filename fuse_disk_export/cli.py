@@ -37,7 +37,6 @@ EXAMPLES = """\
 examples:
   fuse-disk-export foo.qcow2 &             # prints one line once live; kill -SIGINT %1 reverts
   fuse-disk-export -dp fde.pid foo.qcow2   # returns once live; fde.pid holds the daemon's pid
-  parted foo.qcow2 print                   # foo.qcow2 now reads as a raw disk
   kill -SIGINT $(cat fde.pid)              # reverted: foo.qcow2 is a qcow2 again, fde.pid gone
 
 Images a guest could write to may be hostile: see the README's security note.
@@ -189,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="AIO: threads, native (needs --cache none/directsync), io_uring",
     )
     p.add_argument(
+        "--iothreads",
+        metavar="N",
+        type=int,
+        help="I/O threads per export (default 4 with multi-queue FUSE, QEMU 11)",
+    )
+    p.add_argument(
         "--no-write-guard",
         action="store_true",
         help="let writes run concurrently (only for a QEMU with the FUSE fix)",
@@ -245,6 +250,7 @@ def options_from(args: argparse.Namespace) -> Options:
         cache=cast(Cache, args.cache),
         aio=cast("Aio | None", args.aio),
         write_guard=not args.no_write_guard,
+        iothreads=args.iothreads,
         pid_file=args.pid_file,
         mount_fs=args.mount_fs,
         fs_type=args.fs_type,

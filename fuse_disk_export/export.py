@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from fuse_disk_export import engine, logs, notify, pidfile, pidwatch, state, stopsignals
-from fuse_disk_export.engine import qemuversion, versions, writeguard
+from fuse_disk_export import choices, engine, logs, notify, pidfile, pidwatch, state, stopsignals
+from fuse_disk_export.engine import qemuinfo, writeguard
 from fuse_disk_export.engine.graph import BlockGraph, Tuning
 from fuse_disk_export.engine.process import describe_exit, find_binary
-from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError
+from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.images import Resolved
 from fuse_disk_export.prepare import ImageExtras, prepare_images
 
@@ -50,6 +50,20 @@ class ExportRequest(NamedTuple):
     secrets: Mapping[str, str] | None = None
     #: ``--mount-fs``: the filesystem to mount over the (one) export, which is on a private file.
     filesystem: FsPlan | None = None
+    #: I/O threads of every FUSE export; None: the default for the QEMU that answers.
+    iothreads: int | None = None
+
+
+def _check_vmdk_aio(request: ExportRequest, tuning: Tuning) -> None:
+    if tuning.aio != "io_uring" or tuning.vmdk_io_uring:
+        return
+    for r in request.images:
+        if any(layer.format == "vmdk" for layer in r.spec.layers):
+            raise UsageError(
+                "--aio io_uring: this qemu-storage-daemon can hang for good opening vmdk "
+                "extents with it (7.2 and 10.0.2 do; 11.1.3 does not)",
+                path=r.spec.image,
+            )
 
 
 class Live(NamedTuple):
@@ -116,11 +130,10 @@ def live(
         files, fds = cleanup.enter_context(engine.secret_files(request.secrets or {}))
         binary = find_binary()
         # Planned for the QEMU that will answer (the plan goes on its command line); unknown
-        # counts as old: the hole guard costs speed where it is not needed, never data.
-        versions_cache = os.path.join(state.registry_dir(), qemuversion.CACHE)
-        version = qemuversion.of(binary, versions_cache)
-        hole_guard = version is None or versions.punch_hole_may_keep_data(version)
-        tuning = request.tuning._replace(hole_guard=hole_guard)
+        # counts as old: a guard costs speed where it is not needed, never data.
+        info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
+        tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
+        _check_vmdk_aio(request, tuning)
         graph = engine.plan(prepared.specs, tuning, files)
         for line in graph.describe() if log.isEnabledFor(logging.DEBUG) else ():
             log.debug("plan: %s", line)
@@ -139,7 +152,8 @@ def live(
             graph = engine.plan(prepared.specs, tuning._replace(io_uring=False), files)
             daemon = engine.start(graph, pass_fds=fds, watch=watch)
         cleanup.callback(engine.stop, daemon)
-        qemuversion.remember(binary, daemon.version, versions_cache)
+        chosen = choices.describe(graph, tuning, info)
+        log.info("QEMU %s", ", ".join(f"{k} {v}" for k, v in chosen.items()))
         prepared.forget_overlays()
         writeguard.protect(graph, daemon.version)
         mounted = None
@@ -176,6 +190,7 @@ def live(
                         fs_dir=mounted.directory if mounted else None,
                         fs_type=mounted.fs if mounted else None,
                         fs_driver=mounted.driver.program if mounted else None,
+                        qemu=chosen,
                     )
                     for r in request.images
                 ]

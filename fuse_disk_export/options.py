@@ -10,6 +10,9 @@ from typing import Literal, NamedTuple
 from fuse_disk_export.engine.graph import AllowOther, Backing
 from fuse_disk_export.errors import UsageError
 
+#: Most I/O threads a user may ask for; more only cost memory and wake-ups.
+MAX_IOTHREADS = 64
+
 Cache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 Aio = Literal["threads", "native", "io_uring"]
 Discard = Literal["ignore", "unmap"]
@@ -57,6 +60,8 @@ class Options(NamedTuple):
     cache: Cache = "writeback"
     aio: Aio | None = None
     write_guard: bool = True
+    #: I/O threads of every FUSE export (0: none); None: the default for the QEMU that answers.
+    iothreads: int | None = None
     pid_file: str | None = None
     #: Mount the filesystem inside at this directory, through a userspace driver.
     mount_fs: str | None = None
@@ -97,6 +102,8 @@ def check(options: Options) -> None:
     _one_of(options.allow_other, ALLOW_OTHER_MODES, "--allow-other")
     if options.aio is not None:
         _one_of(options.aio, AIO_MODES, "--aio")
+    if options.iothreads is not None and not 0 <= options.iothreads <= MAX_IOTHREADS:
+        raise UsageError(f"--iothreads takes 0 to {MAX_IOTHREADS}, not {options.iothreads}")
     if options.aio == "native" and not CACHE[options.cache][0]:
         raise UsageError("--aio native needs --cache none or directsync (O_DIRECT)")
     if options.detect_zeroes == "unmap" and options.discard != "unmap":

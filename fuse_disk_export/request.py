@@ -292,14 +292,6 @@ def build_request(
         check_free(pid_file)
     with mounts.one_reading():
         images = _resolve(options)
-    if options.aio == "io_uring":
-        for r in images:
-            if any(layer.format == "vmdk" for layer in r.spec.layers):
-                raise UsageError(
-                    "--aio io_uring: qemu-storage-daemon (7.2 and 10.0.2) can hang opening vmdk "
-                    "extents with it",
-                    path=r.spec.image,
-                )
     _note_raw(options, images)
     secrets = _secrets(options, images, ask_passphrase)
     filesystem = None
@@ -314,6 +306,7 @@ def build_request(
         preparations=_preparations(options, images),
         secrets=secrets,
         filesystem=filesystem,
+        iothreads=options.iothreads,
     )
 
 

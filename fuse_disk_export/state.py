@@ -34,6 +34,8 @@ class ExportRecord(NamedTuple):
     fs_dir: str | None = None
     fs_type: str | None = None
     fs_driver: str | None = None
+    #: The QEMU that serves it and what was chosen for it (`choices.describe`).
+    qemu: dict[str, object] | None = None
 
 
 # Plain os.path and os.open here, not pathlib and tempfile: this is on the path to live, where

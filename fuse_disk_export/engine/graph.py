@@ -112,10 +112,17 @@ class Tuning(NamedTuple):
     detect_zeroes: str = "off"
     #: Also serve every exported node over NBD on this Unix socket (absolute path).
     nbd_socket: str | None = None
-    #: Keep writes one at a time on QEMUs whose FUSE export can mix up concurrent writes.
+    #: Keep writes one at a time: this QEMU's FUSE export can mix up concurrent writes.
     write_guard: bool = True
-    #: Read-only exports read through io_uring unless ``aio`` says otherwise (`default_aio`).
+    #: Exports read through io_uring unless ``aio`` says otherwise (`default_aio`).
     io_uring: bool = True
+    #: This QEMU opens a vmdk's extents with io_uring without hanging (`default_aio`).
+    vmdk_io_uring: bool = False
+    #: I/O threads every FUSE export runs in (0: the main loop, QEMU's default).
+    iothreads: int = 0
+    #: The FUSE export takes a list of iothreads and serves its queue from all of them (one
+    #: iothread otherwise: the node moves into it).
+    multiqueue: bool = False
     #: Make a punched hole in a writable FUSE export fail (EOPNOTSUPP) rather than keep old data
     #: (QEMU < 8.0 turns it into an advisory discard): see `_hole_guard`.
     hole_guard: bool = False
@@ -222,14 +229,14 @@ def _protocol_node(
 def default_aio(spec: ImageSpec, tuning: Tuning) -> str | None:
     """The AIO backend of a spec's files when the user chose none.
 
-    io_uring for read-only exports: random reads at QD16 more than double (docs/benchmarks.md).
-    Not for writable ones, which the write guard keeps to one request at a time (no gain), and
-    never anywhere near a vmdk: QEMU 7.2 and 10.0.2 can hang for good opening a vmdk's extents
-    with it.  A QEMU or kernel without io_uring makes the setup fall back (`without_io_uring`).
+    io_uring: random reads at QD16 more than double (docs/performance.md).  Not for writable
+    exports the write guard keeps to one request at a time (no gain), and not near a vmdk where
+    QEMU can hang for good opening its extents with it (`Tuning.vmdk_io_uring`).  A QEMU or
+    kernel without io_uring makes the setup fall back to the thread pool.
     """
-    if tuning.aio is not None or not tuning.io_uring or spec.writable:
+    if tuning.aio is not None or not tuning.io_uring or (spec.writable and tuning.write_guard):
         return None
-    if any(layer.format == "vmdk" for layer in spec.layers):
+    if not tuning.vmdk_io_uring and any(layer.format == "vmdk" for layer in spec.layers):
         return None
     return "io_uring"
 
@@ -424,6 +431,14 @@ def plan(
     """
     tuning = tuning or Tuning()
     opens: list[Step] = _secret_steps(secret_files or {})
+    threads = [f"fde-io{i}" for i in range(tuning.iothreads)]
+    opens[:0] = [
+        Step("iothread", Command("object-add", {"qom-type": "iothread", "id": t})) for t in threads
+    ]
+    iothread: dict[str, object] = {}
+    if threads:
+        # A list is QEMU's multi-queue form: the export's queue is read by every thread at once.
+        iothread["iothread"] = threads if tuning.multiqueue else threads[0]
     mounts: list[Step] = []
     exports: list[ExportPlan] = []
     tops: list[str] = []
@@ -446,6 +461,7 @@ def plan(
                         "writable": fuse_writable,
                         "allow-other": tuning.allow_other,
                         "writethrough": tuning.writethrough,
+                        **iothread,
                     },
                 ),
             )

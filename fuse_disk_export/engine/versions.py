@@ -1,23 +1,25 @@
 """What differs between the QEMU versions we run on (6.0 and later), in one place.
 
-QEMU's QMP schema (``query-qmp-schema``) shows features that come and go; the differences here are
-behaviour behind an unchanged schema, so they are version gates, each with its evidence.  A gate
-errs on the safe side: a version not known to be fixed is treated as affected.
+QEMU's QMP schema (``query-qmp-schema``, `qemuinfo`) shows features that come and go; most
+differences here are behaviour behind an unchanged schema, so they are version gates, each with
+its evidence.  A gate errs on the safe side: a version not known to be fixed is treated as
+affected.
 """
 
 from __future__ import annotations
 
 QemuVersion = tuple[int, int, int]
 
-#: First release whose FUSE export copies a write's data out of its one request buffer before it
-#: can read the next request.  Every release up to at least 10.2 hands ``exp->fuse_buf`` straight
-#: to ``blk_pwrite()`` in ``fuse_write()``, so a second write in flight overwrites the first one's
-#: data (fio libaio QD16 verify: 15 bad blocks in 64 MiB on 7.2 and on 10.0.2).  The fix, "fuse:
-#: Copy write buffer content before polling" (patch 1 of Hanna Czenczek's "export/fuse: Use
-#: coroutines and multi-threading", v4 posted 2026-02-18), reached upstream master after that
-#: posting, and no release tag known to us contains it (10.2.0 predates it).  None: the guard is
-#: on for every version until a release is named here with its commit.
-FUSE_WRITE_BUFFER_FIXED: QemuVersion | None = None
+# Concurrent writes: every release up to at least 10.2 hands ``exp->fuse_buf`` straight to
+# ``blk_pwrite()`` in ``fuse_write()``, so a second write in flight overwrites the first one's data
+# (fio libaio QD16 verify: 15 bad blocks in 64 MiB on 7.2 and on 10.0.2).  The fix, "fuse: Copy
+# write buffer content before polling", is patch 1 of Hanna Czenczek's series "export/fuse: Use
+# coroutines and multi-threading" (v4 posted 2026-02-18, pulled for upstream 2026-03-10), whose
+# later patches make an export's ``iothread`` a list.  That schema change is what we look for
+# (`qemuinfo.QemuInfo.multiqueue_fuse`): a feature probe rather than a version, because the first
+# release with it is not established here (the pull predates 11.0.0, 2026-04-22; no release tag
+# was checked), and a distribution may carry the series on an older base.  Measured: 11.1.3 has
+# the list and 0 bad blocks without the guard (tests/integration/test_qemu_versions.py).
 
 #: First release whose FUSE export turns ``fallocate(FALLOC_FL_PUNCH_HOLE)`` into a write of zeroes
 #: (``BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK``) instead of a discard, which formats without
@@ -29,9 +31,22 @@ FUSE_WRITE_BUFFER_FIXED: QemuVersion | None = None
 PUNCH_HOLE_WRITES_ZEROES: QemuVersion = (8, 0, 0)
 
 
-def needs_write_guard(version: QemuVersion) -> bool:
-    """Whether two writes in flight on one FUSE export can store each other's data."""
-    return FUSE_WRITE_BUFFER_FIXED is None or version < FUSE_WRITE_BUFFER_FIXED
+#: First release seen opening a vmdk's extents with ``aio=io_uring`` without hanging: 7.2.22 and
+#: 10.0.2 hang before the export is up (for good: the hung daemon ignores SIGTERM), 11.1.3 opens
+#: it (measured, tests/integration/test_access.py).  The upstream change is not known to us, so
+#: every release before the one measured is taken as hanging: the safe side is the thread pool.
+VMDK_IO_URING_OPENS: QemuVersion = (11, 1, 3)
+
+
+def needs_write_guard(multiqueue_fuse: bool) -> bool:
+    """Whether two writes in flight on one FUSE export can store each other's data: unless the
+    QEMU has the fix, known by the multi-queue FUSE export that came with it (see above)."""
+    return not multiqueue_fuse
+
+
+def vmdk_io_uring_may_hang(version: QemuVersion | None) -> bool:
+    """Whether opening a vmdk with ``aio=io_uring`` may hang this QEMU (unknown: yes)."""
+    return version is None or version < VMDK_IO_URING_OPENS
 
 
 def punch_hole_may_keep_data(version: QemuVersion) -> bool:

@@ -77,10 +77,9 @@ def protect(graph: BlockGraph, version: versions.QemuVersion) -> None:
 def _serialize(
     graph: BlockGraph, writable: list[ExportPlan], version: versions.QemuVersion
 ) -> None:
-    if not versions.needs_write_guard(version):
-        return
     if not graph.write_guard:
-        log.debug("write guard off (--no-write-guard) on QEMU %s", versions.describe(version))
+        # This QEMU has the fix, or the user said so (--no-write-guard).
+        log.debug("write guard off on QEMU %s", versions.describe(version))
         return
     # Two writes in flight can store each other's data: keep them one at a time.
     table = mounts.topmost(mounts.read_mounts())

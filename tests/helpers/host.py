@@ -6,9 +6,13 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
+
+from fuse_disk_export.engine import qemuinfo
+from fuse_disk_export.engine.qemuinfo import QemuInfo
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -20,6 +24,16 @@ def require(condition: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"CI=true and {what} is missing", pytrace=False)
     pytest.skip(f"{what} is missing")
+
+
+@functools.cache
+def qemu_info() -> QemuInfo:
+    """What the qemu-storage-daemon on PATH is, asked the way the tool asks it."""
+    binary = shutil.which("qemu-storage-daemon")
+    assert binary is not None
+    info = qemuinfo.probe(binary)
+    assert info is not None, f"{binary} did not answer query-qmp-schema"
+    return info
 
 
 @functools.cache

@@ -655,6 +655,8 @@ def test_concurrent_direct_writes(fde: Runner, tmp_path: Path) -> None:
     ids=["libaio-qd16", "libaio-qd16-4jobs", "psync-4jobs"],
 )
 def test_fio_verified_writes_in_flight(fde: Runner, tmp_path: Path, pattern: list[str]) -> None:
+    """No bad block on any QEMU: the write guard where QEMU mixes concurrent writes up (7.2,
+    10.0), QEMU's own fix where it has it (11.1, where the tool leaves writes concurrent)."""
     require(shutil.which("fio") is not None, "fio")
     img = tmp_path / "a.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")

@@ -239,3 +239,26 @@ def test_read_only_export_opens_its_overlay_read_only() -> None:
     image = Layer("/i/v.vmdk", "vmdk", read_only=True)
     graph = plan([spec("/i/v.vmdk", layers=(image,), overlay="/i/w.qcow2", writable=False)])
     assert all(s.do.args["read-only"] is True for s in graph.phases[0])
+
+
+def test_iothreads_go_first_and_every_fuse_export_names_them() -> None:
+    graph = plan([spec(), spec("/img/b.qcow2")], Tuning(iothreads=2, multiqueue=True))
+    opens, mounts = graph.phases
+    assert [s.do.args for s in opens[:2]] == [
+        {"qom-type": "iothread", "id": "fde-io0"},
+        {"qom-type": "iothread", "id": "fde-io1"},
+    ]
+    assert all(m.do.args["iothread"] == ["fde-io0", "fde-io1"] for m in mounts)
+    single = plan([spec()], Tuning(iothreads=1)).phases[1][0].do.args
+    assert single["iothread"] == "fde-io0"
+    assert "iothread" not in plan([spec()]).phases[1][0].do.args
+
+
+def test_writable_exports_read_through_io_uring_without_the_guard() -> None:
+    def aio(tuning: Tuning) -> object:
+        return plan([spec()], tuning).phases[0][0].do.args.get("aio")
+
+    assert aio(Tuning()) is None
+    assert aio(Tuning(write_guard=False)) == "io_uring"
+    vmdk = spec("/i/a.vmdk", layers=(Layer("/i/a.vmdk", "vmdk"),), writable=False)
+    assert plan([vmdk], Tuning(vmdk_io_uring=True)).phases[0][0].do.args["aio"] == "io_uring"
