@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 from fuse_disk_export import mounts
+from fuse_disk_export.engine import limits
 from fuse_disk_export.engine.graph import BlockGraph
 from fuse_disk_export.engine.process import Spawned, describe_exit, qemu_error, spawn
 from fuse_disk_export.engine.versions import QemuVersion
@@ -255,6 +256,7 @@ def start(
     :raise Interrupted: a watch called the setup off (nothing is left mounted).
     :raise QemuError: the daemon refused an option or died (nothing is left mounted).
     """
+    limits.check_fuse_exports(len(graph.exports))
     before = _mounted_now(graph)
     started = time.monotonic()
     spawned = spawn(graph.command_line(), pass_fds=pass_fds, descriptors=graph.descriptors())

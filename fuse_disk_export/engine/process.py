@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+from fuse_disk_export.engine import limits
 from fuse_disk_export.errors import LockedError, QemuError, RequirementError
 
 log = logging.getLogger(__name__)
@@ -187,15 +188,21 @@ def spawn(
     :param descriptors: how many the options will have it hold (`BlockGraph.descriptors`).
     :param pass_fds: descriptors the options name (``/dev/fd/N`` of a secret's pipe).
     :param stderr: file descriptor the daemon's own messages are passed on to (default: ours).
-    :raise RequirementError: the binary is not installed.
+    :raise RequirementError: the binary is not installed, or the hard limit on open files is
+        too low for ``descriptors``.
+    :raise UsageError: the options are longer than the kernel takes on a command line.
     """
     path = find_binary(binary)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         fd = theirs.fileno()
         argv = [path, *options, "--chardev", f"socket,id=qmp0,fd={fd}", "--monitor", "chardev=qmp0"]
+        limits.check_command_line(argv)
         # Room for the daemon's own as well (event notifiers, the monitor, io_uring, libraries).
-        with room_for_descriptors(_DEFAULT_TABLE + descriptors):
+        with (
+            limits.nofile_for_child(limits.descriptors_needed(descriptors)),
+            room_for_descriptors(_DEFAULT_TABLE + descriptors),
+        ):
             process, tap = start_child(argv, pass_fds=(fd, *pass_fds), stderr=stderr)
     except BaseException:
         ours.close()
