@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from fuse_disk_export import choices, engine, logs, notify, pidfile, pidwatch, state, stopsignals
-from fuse_disk_export.engine import qemuinfo, writeguard
-from fuse_disk_export.engine.graph import BlockGraph, Tuning
+from fuse_disk_export.engine import limits, qemuinfo, writeguard
+from fuse_disk_export.engine.graph import BlockGraph, ImageSpec, Tuning
 from fuse_disk_export.engine.process import describe_exit, find_binary
 from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.images import Resolved
@@ -54,6 +54,25 @@ class ExportRequest(NamedTuple):
     iothreads: int | None = None
 
 
+def _shards(
+    specs: Sequence[ImageSpec], tuning: Tuning, secrets: Mapping[str, str]
+) -> list[list[ImageSpec]]:
+    """The images each daemon serves: at most `limits.SHARD_SIZE`, and no more than fit on its
+    command line (a shard that does not is halved until it does)."""
+    size = limits.SHARD_SIZE
+    pending = [list(specs[i : i + size]) for i in range(0, len(specs), size)] or [[]]
+    fitting: list[list[ImageSpec]] = []
+    placeholders = {key: "/dev/fd/1000" for key in secrets}
+    while pending:
+        shard = pending.pop(0)
+        if len(shard) > 1 and not limits.fits(engine.plan(shard, tuning, placeholders)):
+            half = len(shard) // 2
+            pending[:0] = [shard[:half], shard[half:]]
+        else:
+            fitting.append(shard)
+    return fitting
+
+
 def _check_vmdk_aio(request: ExportRequest, tuning: Tuning) -> None:
     if tuning.aio != "io_uring" or tuning.vmdk_io_uring:
         return
@@ -67,11 +86,10 @@ def _check_vmdk_aio(request: ExportRequest, tuning: Tuning) -> None:
 
 
 class Live(NamedTuple):
-    """An invocation's exports, all mounted: the daemon, its graph, the setup's warnings, and
-    the filesystem driver of ``--mount-fs``."""
+    """An invocation's exports, all mounted: the daemons (one unless there are more images than
+    one serves well), the setup's warnings, and the filesystem driver of ``--mount-fs``."""
 
-    daemon: engine.Daemon
-    graph: BlockGraph
+    daemons: list[engine.Daemon]
     warnings: list[str]
     filesystem: "Mounted | None" = None
 
@@ -127,35 +145,52 @@ def live(
         specs = [r.spec for r in request.images]
         needs = request.preparations or [ImageExtras()] * len(specs)
         prepared = cleanup.enter_context(prepare_images(specs, needs))
-        files, fds = cleanup.enter_context(engine.secret_files(request.secrets or {}))
         binary = find_binary()
         # Planned for the QEMU that will answer (the plan goes on its command line); unknown
         # counts as old: a guard costs speed where it is not needed, never data.
         info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
         tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
         _check_vmdk_aio(request, tuning)
-        graph = engine.plan(prepared.specs, tuning, files)
-        for line in graph.describe() if log.isEnabledFor(logging.DEBUG) else ():
-            log.debug("plan: %s", line)
-        # Given to the daemon (and a --mount-fs driver) too: the watcher removes the pid file
-        # only once they have gone as well.
+        # Given to every daemon (and a --mount-fs driver) too: the watcher removes the pid file
+        # only once they have all gone as well.
         watcher = pidwatch.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
         held = [watcher] if watcher is not None else []
-        fds = [*fds, *held]
+        shards = _shards(prepared.specs, tuning, request.secrets or {})
+        # A pipe per secret and daemon: each reads its passphrase once.
+        secrets = [
+            cleanup.enter_context(engine.secret_files(request.secrets or {})) for _ in shards
+        ]
+
+        def plan(tuning: Tuning) -> list[BlockGraph]:
+            graphs = [
+                engine.plan(specs, tuning, files)
+                for specs, (files, _) in zip(shards, secrets, strict=True)
+            ]
+            for graph in graphs if log.isEnabledFor(logging.DEBUG) else ():
+                for line in graph.describe():
+                    log.debug("plan: %s", line)
+            return graphs
+
+        graphs = plan(tuning)
+        pass_fds = [[*fds, *held] for _, fds in secrets]
         try:
-            daemon = engine.start(graph, pass_fds=fds, watch=watch)
+            daemons = engine.start_all(graphs, pass_fds=pass_fds, watch=watch)
         except QemuError as e:
-            if not (graph.default_io_uring and "io_uring" in e.reason):
+            if not (any(g.default_io_uring for g in graphs) and "io_uring" in e.reason):
                 raise
             # This QEMU or kernel (or a seccomp policy) has no io_uring: the thread pool, then.
             log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
-            graph = engine.plan(prepared.specs, tuning._replace(io_uring=False), files)
-            daemon = engine.start(graph, pass_fds=fds, watch=watch)
-        cleanup.callback(engine.stop, daemon)
-        chosen = choices.describe(graph, tuning, info)
+            tuning = tuning._replace(io_uring=False)
+            graphs = plan(tuning)
+            daemons = engine.start_all(graphs, pass_fds=pass_fds, watch=watch)
+        cleanup.callback(engine.stop_all, daemons)
+        chosen = choices.describe(graphs[0], tuning, info)
         log.info("QEMU %s", ", ".join(f"{k} {v}" for k, v in chosen.items()))
+        if len(daemons) > 1:
+            log.info("%d images served by %d daemons", len(request.images), len(daemons))
         prepared.forget_overlays()
-        writeguard.protect(graph, daemon.version)
+        for daemon in daemons:
+            writeguard.protect(daemon.graph, daemon.version)
         mounted = None
         if request.filesystem is not None:
             from fuse_disk_export import fsmount  # --mount-fs only
@@ -175,6 +210,7 @@ def live(
         if request.pid_file:
             pid_files.append(pidfile.PidFile(request.pid_file))
         if register:
+            serving = {m: d.pid for d in daemons for m in d.mountpoints}
             state.register(
                 [
                     state.ExportRecord(
@@ -184,7 +220,7 @@ def live(
                         mountpoint=r.spec.mountpoint,
                         writable=r.spec.writable,
                         pid=os.getpid(),
-                        daemon_pid=daemon.pid,
+                        daemon_pid=serving[r.spec.mountpoint],
                         since=since,
                         warnings=_about(warnings, r.spec.mountpoint, r.spec.image),
                         fs_dir=mounted.directory if mounted else None,
@@ -196,7 +232,7 @@ def live(
                 ]
             )
         collected.stop()
-        yield Live(daemon, graph, warnings, mounted)
+        yield Live(daemons, warnings, mounted)
 
 
 def serve(
@@ -229,14 +265,24 @@ def serve(
                 if now.filesystem
                 else None
             )
+            first, *others = now.daemons
+            # Every daemon's death ends the serving: all or nothing, as the setup was.
+            shards = [engine.Exited(d.pid, "qemu-storage-daemon") for d in others]
+            watched: list[engine.Watch] = [signals, *shards, *([driver] if driver else [])]
             try:
-                by, why = engine.serve(now.daemon, watch=[signals] + ([driver] if driver else []))
+                by, why = engine.serve(first, watch=watched)
             finally:
                 notify.stopping()
-                if driver is not None:
-                    driver.close()
+                for exited in [*shards, *([driver] if driver else [])]:
+                    exited.close()
             if by is driver and now.filesystem is not None:
                 raise _driver_died(now.filesystem)
+            if by in shards:
+                dead = others[shards.index(by)]
+                raise QemuError(
+                    f"qemu-storage-daemon (pid {dead.pid}) {describe_exit(dead.process.wait())} "
+                    f"while serving; reverted every export of this invocation"
+                )
             log.info("%s received, reverting", why)
     return 0
 

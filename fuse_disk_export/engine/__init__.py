@@ -17,7 +17,17 @@ It imports nothing of the application above it; `fuse_disk_export.errors` and
 in (`Watch`).
 """
 
-from fuse_disk_export.engine.daemon import Daemon, Exited, Watch, secret_files, serve, start, stop
+from fuse_disk_export.engine.daemon import (
+    Daemon,
+    Exited,
+    Watch,
+    secret_files,
+    serve,
+    start,
+    start_all,
+    stop,
+    stop_all,
+)
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, plan
 
 __all__ = [
@@ -30,5 +40,7 @@ __all__ = [
     "secret_files",
     "serve",
     "start",
+    "start_all",
     "stop",
+    "stop_all",
 ]

@@ -247,60 +247,113 @@ def start(
 ) -> Daemon:
     """Start a qemu-storage-daemon that brings ``graph`` up; return once every export is live.
 
-    A watch that calls the setup off (a stop signal) does not stop the wait at once: the daemon
-    is mid-way through its options, and answers within milliseconds; it is then stopped.  One
-    that has not answered within `SETUP_GRACE` is killed.
+    `start_all` with one graph: see there.
+    """
+    (daemon,) = start_all([graph], pass_fds=[pass_fds], watch=watch)
+    return daemon
 
-    :param pass_fds: descriptors the daemon inherits (a secret's pipe, the pid file watcher's).
+
+class _Starting:
+    """One daemon of `start_all` until its greeting."""
+
+    def __init__(self, graph: BlockGraph, pass_fds: Sequence[int]) -> None:
+        self.graph = graph
+        self.before = _mounted_now(graph)
+        self.spawned = spawn(
+            graph.command_line(), pass_fds=pass_fds, descriptors=graph.descriptors()
+        )
+        log.debug("qemu-storage-daemon pid %d started", self.spawned.process.pid)
+        self.pidfd = os.pidfd_open(self.spawned.process.pid)
+        self.buffer = bytearray()
+        self.greeting: dict[str, object] | None = None
+
+    def abandon(self) -> None:
+        """Kill it (it has not greeted: nothing of it is in use), reap it, detach its mounts."""
+        process = self.spawned.process
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        os.close(self.pidfd)
+        _close(self.spawned)
+        _detach_new(self.graph, self.before)
+
+
+def start_all(
+    graphs: Sequence[BlockGraph],
+    *,
+    pass_fds: Sequence[Sequence[int]] = (),
+    watch: Sequence[Watch] = (),
+) -> list[Daemon]:
+    """Start one qemu-storage-daemon per graph, all at once; return once every export of every
+    graph is live, or none is.
+
+    A watch that calls the setup off (a stop signal) does not stop the wait at once: the daemons
+    are mid-way through their options, and answer within milliseconds; they are then stopped.
+    One that has not answered within `SETUP_GRACE` is killed.
+
+    :param pass_fds: per graph, descriptors its daemon inherits (a secret's pipe, the pid file
+        watcher's).
     :param watch: what may call the setup off.
     :raise Interrupted: a watch called the setup off (nothing is left mounted).
-    :raise QemuError: the daemon refused an option or died (nothing is left mounted).
+    :raise QemuError: a daemon refused an option or died (nothing is left mounted).
+    :raise RequirementError, UsageError: a limit of the system would stop a daemon half-way
+        (`limits`); nothing was started.
     """
-    limits.check_fuse_exports(len(graph.exports))
-    before = _mounted_now(graph)
+    fds = list(pass_fds) or [()] * len(graphs)
+    for graph in graphs:
+        limits.check_fuse_exports(len(graph.exports))
     started = time.monotonic()
-    spawned = spawn(graph.command_line(), pass_fds=pass_fds, descriptors=graph.descriptors())
-    log.debug("qemu-storage-daemon pid %d started", spawned.process.pid)
-    pidfd = os.pidfd_open(spawned.process.pid)
-    sock = spawned.qmp_socket.fileno()
-    waiter = _Waiter(spawned, pidfd, watch)
-    waiter.poller.register(sock, select.POLLIN)
-    greeting: dict[str, object] | None = None
-    buffer = bytearray()
-    deadline: float | None = None
+    starting: list[_Starting] = []
+    poller = select.poll()
+    waiter_watch = [w for w in watch if w.fileno >= 0]
     stopped: str | None = None
     try:
-        while greeting is None:
+        for graph, passed in zip(graphs, fds, strict=True):
+            one = _Starting(graph, passed)
+            starting.append(one)
+            for fd in (one.spawned.qmp_socket.fileno(), one.pidfd, one.spawned.stderr.fd):
+                poller.register(fd, select.POLLIN)
+        for w in waiter_watch:
+            poller.register(w.fileno, select.POLLIN)
+        deadline: float | None = None
+        while any(one.greeting is None for one in starting):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = waiter.wait(timeout)
-            if stopped is None and (called := waiter.called_off()) is not None:
-                stopped = called[1]
-                log.info("%s during setup: rolling back once qemu-storage-daemon is up", stopped)
-                deadline = time.monotonic() + SETUP_GRACE
-            if sock in ready:
-                greeting = _read_greeting(spawned.qmp_socket, buffer)
-            if greeting is None and pidfd in ready:
-                raise _died(spawned, graph, before, stopped)
-            if greeting is None and deadline is not None and time.monotonic() >= deadline:
-                log.warning(
-                    "qemu-storage-daemon (pid %d) does not answer; killing it", spawned.process.pid
-                )
-                raise Interrupted(stopped or "SIGINT")  # killed and detached just below
+            ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+            if stopped is None:
+                for w in waiter_watch:
+                    if (why := w.reason()) is not None:
+                        stopped = why
+                        log.info("%s during setup: rolling back once every daemon is up", why)
+                        deadline = time.monotonic() + SETUP_GRACE
+                        break
+            for one in starting:
+                stderr = one.spawned.stderr
+                if stderr.fd in ready and not stderr.pump():
+                    poller.unregister(stderr.fd)
+                if one.greeting is None and one.spawned.qmp_socket.fileno() in ready:
+                    one.greeting = _read_greeting(one.spawned.qmp_socket, one.buffer)
+                if one.greeting is None and one.pidfd in ready:
+                    raise _died(one.spawned, one.graph, one.before, stopped)
+            if deadline is not None and time.monotonic() >= deadline:
+                late = [one.spawned.process.pid for one in starting if one.greeting is None]
+                if late:
+                    log.warning("qemu-storage-daemon (pid %s) does not answer; killing it",
+                                ", ".join(map(str, late)))  # fmt: skip
+                    raise Interrupted(stopped or "SIGINT")  # killed and detached just below
     except BaseException:
-        if spawned.process.poll() is None:
-            spawned.process.kill()
-        spawned.process.wait()
-        os.close(pidfd)
-        _close(spawned)
-        _detach_new(graph, before)
+        for one in starting:
+            one.abandon()
         raise
     log.debug("live: %.1f ms after spawn", (time.monotonic() - started) * 1000)
-    spawned.stderr.release()
-    daemon = Daemon(spawned, pidfd, graph, _version(greeting))
+    daemons = []
+    for one in starting:
+        one.spawned.stderr.release()
+        assert one.greeting is not None
+        daemons.append(Daemon(one.spawned, one.pidfd, one.graph, _version(one.greeting)))
     if stopped is not None:
-        stop(daemon)
+        stop_all(daemons)
         raise Interrupted(stopped)
-    return daemon
+    return daemons
 
 
 def _died(spawned: Spawned, graph: BlockGraph, before: set[int], stopped: str | None) -> FdeError:
@@ -339,6 +392,15 @@ def serve(daemon: Daemon, *, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
                 f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while serving; "
                 f"unmounted {', '.join(daemon.mountpoints)}"
             )
+
+
+def stop_all(daemons: Sequence[Daemon]) -> None:
+    """`stop` every daemon; they all unmount at once (SIGTERM to each first)."""
+    for daemon in daemons:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+    for daemon in daemons:
+        stop(daemon)
 
 
 def stop(daemon: Daemon, timeout: float = STOP_TIMEOUT) -> int:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from fuse_disk_export.engine import limits
 from tests.helpers.checks import assert_all_clean, is_mounted
 from tests.helpers.images import qemu_img
-from tests.helpers.runner import Runner
+from tests.helpers.runner import Processes, Runner, daemon_children, pid_gone, wait_for
 
 
 def _images(root: Path, count: int) -> list[Path]:
@@ -70,3 +74,57 @@ def test_too_low_a_hard_limit_is_refused_before_anything(fde: Runner, tmp_path: 
     assert len(lines) == 1 and "hard limit is 256" in lines[0] and "ulimit -Hn" in lines[0]
     assert not any(is_mounted(i) for i in images)
     assert_all_clean(tmp_path)
+
+
+SHARDED = 2 * limits.SHARD_SIZE + 1  # three daemons
+
+
+@pytest.mark.slow
+def test_more_images_than_one_daemon_serves_are_one_invocation(
+    fde: Runner, tmp_path: Path
+) -> None:
+    """Past `limits.SHARD_SIZE` images, more daemons: one pid file written once all are live,
+    one --list entry, and one SIGINT reverts them all."""
+    images = _images(tmp_path, SHARDED)
+    pid_file = tmp_path / "fde.pid"
+    result = fde.run("-dp", str(pid_file), *map(str, images))
+    assert result.returncode == 0, result.stderr
+    pid = int(pid_file.read_text())
+    fde.track_pid(pid)
+    daemons = daemon_children(pid)
+    assert len(daemons) == 3, daemons
+    for daemon in daemons:
+        fde.track_pid(daemon)
+    assert all(is_mounted(i) for i in images)
+    listed = json.loads(fde.run("--list", "--json").stdout)
+    ours = [r for r in listed if r["pid"] == pid]
+    assert len(ours) == SHARDED and {r["daemon_pid"] for r in ours} == set(daemons)
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: not pid_file.exists() and pid_gone(pid), 60, "the revert")
+    assert all(pid_gone(d) for d in daemons)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+@pytest.mark.slow
+def test_one_shard_failing_leaves_nothing(fde: Runner, hand: Processes, tmp_path: Path) -> None:
+    images = _images(tmp_path, SHARDED)
+    hand.hold_image(images[-1])  # the third daemon cannot take its lock
+    result = fde.run(*map(str, images))
+    assert result.returncode == 1
+    assert str(images[-1]) in result.stderr and "lock" in result.stderr, result.stderr
+    assert not any(is_mounted(i) for i in images)
+
+
+@pytest.mark.slow
+def test_a_shard_dying_reverts_every_export(fde: Runner, tmp_path: Path) -> None:
+    images = _images(tmp_path, SHARDED)
+    proc = fde.start_live(*map(str, images))
+    daemons = daemon_children(proc.pid)
+    assert len(daemons) == 3
+    os.kill(daemons[1], signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert f"pid {daemons[1]}" in err and "while serving" in err, err
+    wait_for(lambda: all(pid_gone(d) for d in daemons), 30, "every daemon to be gone")
+    assert not any(is_mounted(i) for i in images)
