@@ -111,10 +111,10 @@ def live(
 ) -> Iterator[Live]:
     """Bring every export of ``request`` up; on leaving, take down whatever is still up.
 
-    The graph goes on qemu-storage-daemon's command line (`engine.start`), then the writes are
-    guarded, and the pid file and the registry written.  On leaving, the daemon is stopped
-    (`engine.stop`: it removes its exports, flushes and closes its nodes), and every file this
-    made is removed.
+    The graph goes on the command line of qemu-storage-daemon (`engine.start_all`: one daemon,
+    or one per `limits.SHARD_SIZE` images), then the writes are guarded, and the pid file and the
+    registry written.  On leaving, the daemons are stopped (`engine.stop_all`: each removes its
+    exports, flushes and closes its nodes), and every file this made is removed.
 
     :param watch: what may call the setup off (stop signals, the waiting parent of a ``-d``
         run); an application using the Python API keeps its signals to itself and passes none.
@@ -156,12 +156,12 @@ def live(
         watcher = pidwatch.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
         held = [watcher] if watcher is not None else []
         shards = _shards(prepared.specs, tuning, request.secrets or {})
-        # A pipe per secret and daemon: each reads its passphrase once.
-        secrets = [
-            cleanup.enter_context(engine.secret_files(request.secrets or {})) for _ in shards
-        ]
 
-        def plan(tuning: Tuning) -> list[BlockGraph]:
+        def start(tuning: Tuning) -> tuple[list[BlockGraph], list[engine.Daemon]]:
+            # A pipe per secret, daemon and attempt: each is read once.
+            secrets = [
+                cleanup.enter_context(engine.secret_files(request.secrets or {})) for _ in shards
+            ]
             graphs = [
                 engine.plan(specs, tuning, files)
                 for specs, (files, _) in zip(shards, secrets, strict=True)
@@ -169,20 +169,18 @@ def live(
             for graph in graphs if log.isEnabledFor(logging.DEBUG) else ():
                 for line in graph.describe():
                     log.debug("plan: %s", line)
-            return graphs
+            pass_fds = [[*fds, *held] for _, fds in secrets]
+            return graphs, engine.start_all(graphs, pass_fds=pass_fds, watch=watch)
 
-        graphs = plan(tuning)
-        pass_fds = [[*fds, *held] for _, fds in secrets]
         try:
-            daemons = engine.start_all(graphs, pass_fds=pass_fds, watch=watch)
+            graphs, daemons = start(tuning)
         except QemuError as e:
-            if not (any(g.default_io_uring for g in graphs) and "io_uring" in e.reason):
+            if not (tuning.io_uring and tuning.aio is None and "io_uring" in e.reason):
                 raise
             # This QEMU or kernel (or a seccomp policy) has no io_uring: the thread pool, then.
             log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
             tuning = tuning._replace(io_uring=False)
-            graphs = plan(tuning)
-            daemons = engine.start_all(graphs, pass_fds=pass_fds, watch=watch)
+            graphs, daemons = start(tuning)
         cleanup.callback(engine.stop_all, daemons)
         chosen = choices.describe(graphs[0], tuning, info)
         log.info("QEMU %s", ", ".join(f"{k} {v}" for k, v in chosen.items()))
