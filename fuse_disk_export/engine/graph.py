@@ -22,7 +22,8 @@ BACKING_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk"})
 
 
 class Command(NamedTuple):
-    """One QMP command: its name and arguments, exactly as sent."""
+    """One QMP command, its name and arguments: rendered as the daemon option that does the same
+    (`OPTIONS`), never sent over QMP."""
 
     name: str
     args: dict[str, object]
