@@ -233,10 +233,10 @@ def stop(
     :param watch_mounts: watch mountinfo for the paths leaving it.  Its every change wakes the
         watcher, which re-reads the whole table, under the lock each unmount takes, on one of
         the CPUs the unmounts need: 128 unmounts take about twice as long watched, whoever
-        unmounts (docs/benchmarks.md, "Round 5").  Without, only the pid file and the exits are
-        waited on, as a script does, and the paths must be unmounted by the time the pid file
-        is gone (they are: each removes its pid file after unmounting); "unmounted" is then
-        that moment.
+        unmounts (docs/archive/2026-12-benchmarks-rounds-1-5.md, "Round 5").  Without, only the
+        pid file and the exits are waited on, as a script does, and the paths must be unmounted
+        by the time the pid file is gone (they are: each removes its pid file after
+        unmounting); "unmounted" is then that moment.
     """
     if not watch_mounts and not live.pid_file:
         raise BenchError("a stop without watching mountinfo needs a pid file")

@@ -39,7 +39,7 @@ class ExportRecord(NamedTuple):
 
 
 # Plain os.path and os.open here, not pathlib and tempfile: this is on the path to live, where
-# their imports cost more than everything this module does (docs/benchmarks.md).
+# their imports cost more than everything this module does (docs/archive/, rounds 2-3).
 
 
 def registry_dir() -> str:
@@ -76,7 +76,7 @@ def process_start_time(pid: int) -> float | None:
     """When process ``pid`` started, computed as psutil's ``create_time`` does; None if gone.
 
     Read straight from /proc because this runs on the path to live, where importing psutil would
-    cost more than everything else this module does (docs/benchmarks.md).
+    cost more than everything else this module does (docs/archive/, rounds 2-3).
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

@@ -22,7 +22,8 @@ BACKING_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk"})
 
 
 class Command(NamedTuple):
-    """One QMP command: its name and arguments, exactly as sent."""
+    """One QMP command, its name and arguments: rendered as the daemon option that does the same
+    (`OPTIONS`), never sent over QMP."""
 
     name: str
     args: dict[str, object]
@@ -201,7 +202,7 @@ def _node_prefix(index: int) -> str:
 
 def _common(tuning: Tuning) -> dict[str, object]:
     # Options equal to QEMU's defaults are left out: each one costs QEMU time per node, which
-    # adds up to tens of milliseconds with a hundred images (docs/benchmarks.md).
+    # adds up to tens of milliseconds with a hundred images (docs/archive/, round 1).
     args: dict[str, object] = {"discard": tuning.discard}  # QEMU's default is "ignore"
     if tuning.cache_direct or tuning.cache_no_flush:
         args["cache"] = {"direct": tuning.cache_direct, "no-flush": tuning.cache_no_flush}

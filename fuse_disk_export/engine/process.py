@@ -46,7 +46,7 @@ def room_for_descriptors(count: int) -> Iterator[None]:
     threads each growth waits for an RCU grace period (milliseconds).  qemu-storage-daemon has
     threads before it opens anything, and holds two descriptors per image (the file,
     /dev/fuse): from the default 64 slots to 512 for 128 images, three waits, 40 of its 87 ms to
-    go live (docs/benchmarks.md, "Round 4").  A forked child's table is a copy of ours as far as
+    go live (docs/performance.md).  A forked child's table is a copy of ours as far as
     our highest open descriptor (``dup_fd``), and survives exec: so we hold one open that high
     across the fork (close-on-exec, and closed in the child with the others), nothing between
     fork and exec.  Our own table grows once and never shrinks.  Beyond RLIMIT_NOFILE, as far as
