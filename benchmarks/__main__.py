@@ -19,11 +19,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import files, report, schema, startup, throughput
+from benchmarks import files, report, scale, schema, startup, throughput
 from benchmarks.context import Ctx, versions
 from benchmarks.proc import BenchError, Janitor, mountpoints, under
 
-PHASES = ("qemu", "startup", "breakdown", "imports", "io", "files")
+PHASES = ("qemu", "startup", "breakdown", "imports", "io", "files", "scale")
 NEEDED = ("qemu-storage-daemon", "qemu-img", "qemu-nbd", "nbdfuse", "nbdinfo", "fio", "fusermount3")
 
 
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "imports": startup.bench_imports,
         "io": throughput.bench_io,
         "files": files.bench_files,
+        "scale": scale.bench_scale,
     }
     status = 0
     t0 = time.monotonic()

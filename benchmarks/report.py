@@ -216,6 +216,24 @@ def files_text(results: Results) -> str:
     return "\n".join(lines)
 
 
+def scale_text(results: Results) -> str:
+    scale = results.get("scale")
+    if not scale:
+        return ""
+    lines = [
+        f"many images (daemons of at most {scale['shard_size']}; medians: ms, KiB per export):",
+        f"  {'images':>7} {'':<16} {'live':>8} {'revert':>8} {'RSS/export':>10} {'--list':>8}",
+    ]
+    for n, kinds in scale["rows"].items():
+        for kind, label in (("fde", "fuse-disk-export"), ("qsd", "by hand")):
+            m = kinds[kind]
+            lines.append(
+                f"  {n:>7} {label:<16} {_fmt(m.get('live_ms')):>8} {_fmt(m.get('revert_ms')):>8} "
+                f"{_fmt(m.get('rss_per_export_kib')):>10} {_fmt(m.get('list_ms')):>8}"
+            )
+    return "\n".join(lines)
+
+
 def imports_text(results: Results) -> str:
     imp = results.get("imports")
     if not imp:
@@ -377,6 +395,7 @@ def write(results: Results, out_dir: str) -> dict[str, str]:
             breakdown_text(summary),
             imports_text(results),
             files_text(results),
+            scale_text(results),
         )
         if t
     ]
