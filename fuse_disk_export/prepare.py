@@ -63,22 +63,30 @@ def _tool(name: str) -> str:
     return path
 
 
+def _create_qcow2(path: str, size: int, *backing: str) -> str:
+    """``qemu-img create`` a qcow2 at ``path``; return why it failed ("" when it did not).
+
+    Paths go as whole arguments, absolute: qemu-img parses them neither as options nor as
+    ``proto:`` prefixes.
+    """
+    result = subprocess.run(
+        [_tool("qemu-img"), "create", "-q", "-f", "qcow2", *backing, path, str(size)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    return "" if result.returncode == 0 else result.stderr.strip().removeprefix("qemu-img: ")
+
+
 def _create_overlay(directory: str, spec: ImageSpec, size: int) -> str:
     import tempfile  # only -s and -l pay for it
 
     fd, path = tempfile.mkstemp(prefix="overlay-", suffix=".qcow2", dir=directory)
     os.close(fd)
-    result = subprocess.run(
-        [_tool("qemu-img"), "create", "-q", "-f", "qcow2", path, str(size)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
+    failed = _create_qcow2(path, size)
+    if failed:
         os.unlink(path)
-        raise ImageError(
-            f"cannot create the temporary overlay: {result.stderr.strip()}", path=spec.image
-        )
+        raise ImageError(f"cannot create the temporary overlay: {failed}", path=spec.image)
     return path
 
 
@@ -87,32 +95,12 @@ def _create_user_overlay(spec: ImageSpec, size: int) -> None:
     that QEMU's tools open the same disk from it after the revert (``qemu-img commit``)."""
     assert spec.overlay is not None
     image = spec.layers[0]
-    # Paths as whole arguments, absolute: qemu-img parses neither as options nor as "proto:".
     # -u: the backing file is not opened (we probed it; it may be one QEMU cannot write).
-    result = subprocess.run(
-        [
-            _tool("qemu-img"),
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            image.format,
-            "-b",
-            image.path,
-            spec.overlay,
-            str(size),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
+    failed = _create_qcow2(spec.overlay, size, "-u", "-F", image.format, "-b", image.path)
+    if failed:
         with contextlib.suppress(OSError):
             os.unlink(spec.overlay)
-        reason = result.stderr.strip().removeprefix("qemu-img: ")
-        raise ImageError(f"--overlay: cannot be created: {reason}", path=spec.overlay)
+        raise ImageError(f"--overlay: cannot be created: {failed}", path=spec.overlay)
     log.info("%s: made the overlay %s", spec.image, spec.overlay)
 
 

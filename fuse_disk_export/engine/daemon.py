@@ -1,5 +1,7 @@
-"""One qemu-storage-daemon we own: start it with a graph, serve, stop it.  No asyncio, no QMP
-client: one synchronous wait (``poll``) at each stage.
+"""The qemu-storage-daemons we own: start them with their graphs, serve, stop them.  No asyncio,
+no QMP client: one synchronous wait (``poll``) at each stage.  An invocation has one daemon, or
+several side by side when it has more images than one serves well (`limits.SHARD_SIZE`):
+`start_all` brings them up together, all or none.
 
 start
     The daemon creates every ``--object``, ``--blockdev`` and ``--export`` before its main loop,
