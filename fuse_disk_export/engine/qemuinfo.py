@@ -163,11 +163,14 @@ def probe(binary: str) -> QemuInfo | None:
         proc.stdin.close()
         proc.wait(timeout=TIMEOUT)
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        proc.kill()
-        proc.wait()
         return None
     finally:
         timer.cancel()
+        # Whatever cut the probe short (a hang, or a stop signal raised in `--doctor`), the
+        # daemon does not outlive it.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         proc.stdout.close()
     return parse(lines)
 

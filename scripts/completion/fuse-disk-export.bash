@@ -27,7 +27,7 @@ _fuse_disk_export() {
         --allow-other -m --mountpoint --mountpoint-dir -P --partition --list-partitions
         --mount-fs --fs-type --nbd-socket -s --snapshot --overlay -l --load-snapshot --passphrase-file
         --discard --detect-zeroes
-        --cache --aio --iothreads --no-write-guard --log-file --list --json --stop -q --quiet -v --verbose
+        --cache --aio --iothreads --no-write-guard --log-file --list --doctor --json --stop -q --quiet -v --verbose
         --version"
     COMPREPLY=()
     compopt -o filenames 2>/dev/null
