@@ -67,7 +67,8 @@ def test_both_console_scripts_run_from_the_wheel(installed: Path) -> None:
     assert _run(bin_dir / "fuse-disk-export", "--version", cwd=installed, env=env).strip() == (
         f"fuse-disk-export {__version__}"
     )
-    assert "--doctor" in _run(bin_dir / "qemu-fuse-disk-export.py", "--help", cwd=installed, env=env)
+    usage = _run(bin_dir / "qemu-fuse-disk-export.py", "--help", cwd=installed, env=env)
+    assert "--doctor" in usage
     where = _run(
         bin_dir / "python", "-c", "import fuse_disk_export; print(fuse_disk_export.__file__)",
         cwd=installed, env=env,
