@@ -6,8 +6,6 @@ qemu-storage-daemon asked for its version and schema over stdio (`qemuinfo.probe
 are only inspected (`images.resolve`).  Loaded only with ``--doctor``.
 """
 
-from __future__ import annotations
-
 import os
 import resource
 import shutil

@@ -7,8 +7,6 @@ kept per binary (path, inode, size, modification time) in a cache file the calle
 cost, about 40-100 ms, is paid once per installed QEMU.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os
