@@ -31,16 +31,27 @@ if TYPE_CHECKING:  # table_reader loads only with --list-partitions
     from fuse_disk_export.table_reader import Disk
 
 PROG = "fuse-disk-export"
-USAGE = "%(prog)s [options] IMAGE...\n       %(prog)s --list [--json] | --stop PATH|PID..."
+USAGE = (
+    "%(prog)s [options] IMAGE...\n"
+    "       %(prog)s --list [--json] | --stop PATH|PID... | --doctor [--json] [IMAGE...]"
+)
 
 EXAMPLES = """\
 examples:
   fuse-disk-export foo.qcow2 &             # prints one line once live; kill -SIGINT %1 reverts
-  fuse-disk-export -dp fde.pid foo.qcow2   # returns once live; fde.pid holds the daemon's pid
-  kill -SIGINT $(cat fde.pid)              # reverted: foo.qcow2 is a qcow2 again, fde.pid gone
+  fuse-disk-export -dp fde.pid foo.qcow2   # returns once live; kill -SIGINT $(cat fde.pid) reverts
 
 Images a guest could write to may be hostile: see the README's security note.
 """
+
+#: What the options that --help leaves out do: the man page and the completions name them too.
+HIDDEN_HELP = {
+    "help": "show the help and exit",
+    "images": "disk images, in any format QEMU reads; each is exported on its own path",
+    "fs_type": "with --mount-fs: the filesystem type, when detection cannot tell",
+    "json": "with --list or --doctor: print JSON",
+    "version": "print the version and exit",
+}
 
 log = logging.getLogger("fuse_disk_export")
 
@@ -206,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--list", action="store_true", help="list live exports and exit (--json: as JSON)"
     )
+    p.add_argument(
+        "--doctor",
+        action="store_true",
+        help="check this machine can export (and each IMAGE); exit 1 if not",
+    )
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--stop",
@@ -308,11 +324,14 @@ def _print_tables(options: Options) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.doctor:
+        with stopsignals.interruptible():
+            return _doctor(args)
     if args.list or args.stop:
         with stopsignals.interruptible():
             return _manage(args)
     if args.json:
-        raise UsageError("--json goes with --list")
+        raise UsageError("--json goes with --list or --doctor")
     if args.log_file and not args.daemonize:
         raise UsageError("--log-file goes with -d (in the foreground, messages go to stderr)")
     options = options_from(args)
@@ -364,6 +383,36 @@ def _manage(args: argparse.Namespace) -> int:
     if args.list:
         return manage.list_exports(as_json=args.json)
     return manage.stop(args.stop, quiet=args.quiet)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    if args.list or args.stop:
+        raise UsageError("--doctor goes without --list and --stop")
+    from fuse_disk_export import doctor
+    from fuse_disk_export.images import ImageOptions
+
+    # What inspecting the images warns about is in the report: not on stderr as well.
+    logs.setup_terminal(verbose=args.verbose, quiet=True)
+    checks = doctor.machine(allow_other_mode=args.allow_other)
+    options = ImageOptions(format=args.format, read_only=args.read_only, backing=args.backing)
+    images = [doctor.image(image, options) for image in args.images]
+    if args.json:
+        import json
+
+        print(json.dumps(doctor.as_json(checks, images), indent=2))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = Console(highlight=False)
+        for line in doctor.lines([*checks, *images]):
+            style = "green" if line.startswith("✔") else "red" if line.startswith("✘") else ""
+            console.print(f"[{style}]{escape(line[:1])}[/]{escape(line[1:])}" if style else line)
+    else:
+        utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
+        for line in doctor.lines([*checks, *images], marks=("✔", "✘") if utf8 else ("ok", "X")):
+            print(line)
+    return 0 if doctor.healthy([*checks, *images]) else 1
 
 
 def exit_now(status: int) -> NoReturn:

@@ -32,6 +32,10 @@ class QemuInfo(NamedTuple):
     #: coroutines and multi-threading", whose first patch ("fuse: Copy write buffer content
     #: before polling") is the fix for concurrent writes (`versions.needs_write_guard`).
     multiqueue_fuse: bool
+    #: ``block-export-add`` takes type "fuse": a QEMU built without FUSE (``--disable-fuse``, or
+    #: no libfuse3 at build time) drops the case from the schema.  None where the schema's shape
+    #: is not the one known (the export is then tried, and QEMU's own error tells).
+    fuse_export: bool | None = None
 
 
 def _key(binary: str) -> str:
@@ -52,13 +56,16 @@ def _from_json(value: object) -> QemuInfo | None:
     if not isinstance(value, dict):
         return None
     version, multiqueue = value.get("version"), value.get("multiqueue_fuse")
+    # Absent from a cache written before it was asked: then the binary is asked again.
+    fuse = value.get("fuse_export", "absent")
     if (
         isinstance(version, list)
         and len(version) == 3
         and all(isinstance(v, int) for v in version)
         and isinstance(multiqueue, bool)
+        and (fuse is None or isinstance(fuse, bool))
     ):
-        return QemuInfo((version[0], version[1], version[2]), multiqueue)
+        return QemuInfo((version[0], version[1], version[2]), multiqueue, fuse)
     return None
 
 
@@ -68,7 +75,11 @@ def _remember(binary: str, info: QemuInfo, cache: str) -> None:
         key = _key(binary)
         path = key.split(":", 1)[0] + ":"
         known = {k: v for k, v in _load(cache).items() if not k.startswith(path)}
-        known[key] = {"version": list(info.version), "multiqueue_fuse": info.multiqueue_fuse}
+        known[key] = {
+            "version": list(info.version),
+            "multiqueue_fuse": info.multiqueue_fuse,
+            "fuse_export": info.fuse_export,
+        }
         os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
         # Written beside, then renamed: readers see the old cache or the new one.
         tmp = f"{cache}.{os.getpid()}"
@@ -101,19 +112,25 @@ def parse(replies: Iterable[bytes]) -> QemuInfo | None:
         elif isinstance(message.get("return"), list):
             if version is None:
                 return None
-            return QemuInfo(version, _multiqueue_fuse(message["return"]))
+            return _from_schema(version, message["return"])
     return None
 
 
-def _multiqueue_fuse(schema: list[object]) -> bool:
+def _from_schema(version: QemuVersion, schema: list[object]) -> QemuInfo:
     types = {t["name"]: t for t in schema if isinstance(t, dict) and "name" in t}
     for entry in types.values():
         members = {m.get("name"): m.get("type") for m in entry.get("members", ()) or ()}
         # BlockExportOptions: the one object with both (introspection hides type names).
         if "iothread" in members and "fixed-iothread" in members:
             kind = types.get(str(members["iothread"]), {})
-            return kind.get("meta-type") == "alternate"
-    return False
+            variants = entry.get("variants")
+            fuse = (
+                any(v.get("case") == "fuse" for v in variants if isinstance(v, dict))
+                if entry.get("tag") == "type" and isinstance(variants, list)
+                else None
+            )
+            return QemuInfo(version, kind.get("meta-type") == "alternate", fuse)
+    return QemuInfo(version, False)
 
 
 def probe(binary: str) -> QemuInfo | None:
@@ -144,11 +161,14 @@ def probe(binary: str) -> QemuInfo | None:
         proc.stdin.close()
         proc.wait(timeout=TIMEOUT)
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        proc.kill()
-        proc.wait()
         return None
     finally:
         timer.cancel()
+        # Whatever cut the probe short (a hang, or a stop signal raised in `--doctor`), the
+        # daemon does not outlive it.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         proc.stdout.close()
     return parse(lines)
 

@@ -1,4 +1,5 @@
-"""--help fits on one screen and names every option; bash completion knows every option."""
+"""--help fits on one screen and names every option; the completions, generated from the parser
+into share/ (docgen), know every option in bash, zsh and fish."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fuse_disk_export.cli import build_parser
-from tests.helpers.completion import complete
+from tests.helpers.completion import SCRIPTS, check_syntax, complete, complete_fish
 
 HIDDEN = {"-h", "--help", "--version", "--json"}  # named in the usage line or another option's help
 
@@ -55,3 +56,30 @@ def test_completion_offers_images_for_positional_arguments(tmp_path: Path) -> No
     assert complete("no", cwd=tmp_path) == ["notes.txt"]
     assert complete("--format", "qc") == ["qcow", "qcow2"]
     assert complete("--mountpoint-dir", "", cwd=tmp_path) == ["sub"]
+
+
+@pytest.mark.parametrize("shell", sorted(SCRIPTS))
+def test_completion_scripts_parse_and_name_every_option(shell: str) -> None:
+    check_syntax(shell)
+    script = SCRIPTS[shell]
+    text = script.read_text()
+    for action in options():
+        for name in action.option_strings:
+            # zsh groups short and long: {-d,--daemonize}; fish: -s d -l daemonize.
+            word = name.lstrip("-")
+            assert name in text or (shell == "fish" and f" {word} " in text + " "), name
+
+
+def test_fish_completes_options_choices_and_images(tmp_path: Path) -> None:
+    longs = {n for a in options() for n in a.option_strings if n.startswith("--")}
+    assert set(complete_fish("--")) == longs
+    assert complete_fish("--back") == ["--backing"]
+    assert complete_fish("--cache", "") == sorted(
+        build_parser()._option_string_actions["--cache"].choices or ()
+    )
+    assert complete_fish("--format", "qc") == ["qcow", "qcow2"]
+    for name in ("a.qcow2", "b.VMDK", "notes.txt"):
+        (tmp_path / name).touch()
+    (tmp_path / "sub").mkdir()
+    assert complete_fish("-r", "", cwd=tmp_path) == ["a.qcow2", "b.VMDK", "sub/"]
+    assert complete_fish("no", cwd=tmp_path) == ["notes.txt"]

@@ -84,3 +84,17 @@ def test_iothreads_the_qemu_cannot_serve_are_refused() -> None:
     with pytest.raises(UsageError, match="nbd-socket"):
         choices.for_qemu(Tuning(nbd_socket="/s"), NEW, iothreads=2)
     assert choices.for_qemu(Tuning(nbd_socket="/s"), NEW, iothreads=None).iothreads == 0
+
+
+def test_schema_probe_tells_fuse_export_support() -> None:
+    def with_cases(*cases: str) -> list[bytes]:
+        lines = _monitor((7, 2, 22), "str", False)
+        reply = json.loads(lines[-1])
+        reply["return"][0] |= {"tag": "type", "variants": [{"case": c} for c in cases]}
+        return [*lines[:-1], json.dumps(reply).encode() + b"\n"]
+
+    assert qemuinfo.parse(with_cases("nbd", "fuse")) == QemuInfo((7, 2, 22), False, True)
+    # Built without FUSE: the case is gone from the schema.
+    assert qemuinfo.parse(with_cases("nbd", "vhost-user-blk")) == QemuInfo((7, 2, 22), False, False)
+    # A shape not known: not told.
+    assert qemuinfo.parse(_monitor((7, 2, 22), "str", False)) == QemuInfo((7, 2, 22), False, None)

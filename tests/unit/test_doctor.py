@@ -1,0 +1,62 @@
+"""--doctor's checks that read files given to them, and its report: each failure with a remedy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fuse_disk_export import doctor
+from fuse_disk_export.doctor import Check
+
+
+def test_fuse_device_missing_not_a_device_and_usable(tmp_path: Path) -> None:
+    missing = doctor.fuse_device(str(tmp_path / "fuse"))
+    assert not missing.ok and missing.needed and "modprobe fuse" in missing.remedy
+    (tmp_path / "file").touch()
+    plain = doctor.fuse_device(str(tmp_path / "file"))
+    assert not plain.ok and "not a character device" in plain.detail and plain.remedy
+    usable = doctor.fuse_device("/dev/null")  # a character device anyone reads and writes
+    assert usable.ok and usable.facts["mode"] == "0666" and "read and write access" in usable.detail
+
+
+def test_user_allow_other_matters_only_for_allow_other_on(tmp_path: Path) -> None:
+    conf = tmp_path / "fuse.conf"
+    conf.write_text("# user_allow_other\nmount_max = 1000\n")
+    unset = doctor.allow_other(root=False, mode="auto", conf=str(conf))
+    assert not unset.ok and not unset.needed and "user_allow_other" in unset.remedy
+    assert doctor.allow_other(root=False, mode="on", conf=str(conf)).needed
+    assert doctor.allow_other(root=True, mode="on", conf=str(conf)).ok
+    conf.write_text("user_allow_other  # for fuse-disk-export\n")
+    assert doctor.allow_other(root=False, mode="on", conf=str(conf)).ok
+    assert not doctor.allow_other(root=False, mode="auto", conf=str(tmp_path / "none")).ok
+
+
+def test_healthy_counts_only_what_a_default_export_needs() -> None:
+    optional = Check("--mount-fs drivers", False, "none", "apt-get install fuse2fs", needed=False)
+    assert doctor.healthy([Check("/dev/fuse", True, "ok"), optional])
+    assert not doctor.healthy([Check("/dev/fuse", False, "missing", "modprobe fuse"), optional])
+
+
+def test_report_lines_and_json() -> None:
+    checks = [
+        Check("a", True, "fine"),
+        Check("b", False, "broken", "fix it", facts={"n": 1}),
+        Check("c", False, "absent", "install it", needed=False),
+    ]
+    assert doctor.lines(checks) == [
+        "✔ a: fine",
+        "✘ b: broken",
+        "    fix: fix it",
+        "✘ c: absent (not needed for a default export)",
+        "    fix: install it",
+    ]
+    assert doctor.lines(checks[:1], marks=("ok", "X")) == ["ok a: fine"]
+    report = doctor.as_json(checks, [Check("/x.qcow2", True, "qcow2")])
+    assert report["ok"] is False
+    assert report["checks"][1] == {  # type: ignore[index]
+        "name": "b", "ok": False, "needed": True, "detail": "broken", "remedy": "fix it", "n": 1,
+    }  # fmt: skip
+
+
+def test_every_failed_machine_check_has_a_remedy() -> None:
+    for check in doctor.machine():
+        assert check.ok or check.remedy, check
