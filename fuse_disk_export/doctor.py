@@ -14,19 +14,16 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from fuse_disk_export import choices, filesystems, mounts, state
-from fuse_disk_export.engine import qemuinfo, versions
+from fuse_disk_export.engine import limits, qemuinfo, versions
 from fuse_disk_export.engine.graph import AllowOther, ImageSpec, Layer, Tuning, default_aio
 from fuse_disk_export.errors import FdeError
 from fuse_disk_export.images import ImageOptions
 from fuse_disk_export.preflight import FUSE_DEVICE
 
 FUSE_CONF = "/etc/fuse.conf"
-#: File descriptors one export holds in qemu-storage-daemon, about (DESIGN.md: a soft limit of
-#: 1024 stopped a daemon at about 470 exports).
-FDS_PER_EXPORT = 2.2
-#: Exports one qemu-storage-daemon holds at most: each FUSE session takes one of glibc's 1024
-#: pthread keys (DESIGN.md).
-MAX_EXPORTS = 1000
+#: File descriptors one export holds in qemu-storage-daemon (its file and /dev/fuse:
+#: `BlockGraph.descriptors`).
+FDS_PER_EXPORT = 2
 
 
 class Check(NamedTuple):
@@ -273,12 +270,23 @@ def open_files() -> Check:
         return "unlimited" if n == resource.RLIM_INFINITY else str(n)
 
     facts: dict[str, object] = {"soft": soft, "hard": hard}
-    exports = MAX_EXPORTS
-    if soft != resource.RLIM_INFINITY:
-        exports = min(exports, int(soft / FDS_PER_EXPORT))
-    detail = f"soft {shown(soft)}, hard {shown(hard)}: about {exports} exports in one run"
-    ok = soft == resource.RLIM_INFINITY or soft >= 64
-    remedy = "" if ok else f"ulimit -n {shown(hard)} (up to the hard limit) before exporting"
+    # Each daemon serves at most SHARD_SIZE images and gets the soft limit they need, up to the
+    # hard limit (engine/limits.py): the hard limit is what counts.
+    need = limits.descriptors_needed(FDS_PER_EXPORT * limits.SHARD_SIZE)
+    ok = hard == resource.RLIM_INFINITY or hard >= need
+    if ok:
+        detail = (
+            f"soft {shown(soft)}, hard {shown(hard)}: any number of images (each "
+            f"qemu-storage-daemon, of at most {limits.SHARD_SIZE}, gets the {need} it needs)"
+        )
+    else:
+        most = max(0, (hard - limits.BASE_DESCRIPTORS) * 10 // 11 // FDS_PER_EXPORT)
+        detail = f"soft {shown(soft)}, hard {shown(hard)}: at most about {most} images at once"
+    remedy = (
+        ""
+        if ok
+        else f"raise the hard limit to {need} or more (ulimit -Hn as root; systemd: LimitNOFILE=)"
+    )
     return Check("open files", ok, detail, remedy, needed=False, facts=facts)
 
 
