@@ -21,11 +21,6 @@ from fuse_disk_export.images import ImageOptions
 from fuse_disk_export.preflight import FUSE_DEVICE
 
 FUSE_CONF = "/etc/fuse.conf"
-#: File descriptors one export holds in qemu-storage-daemon (its file and /dev/fuse:
-#: `BlockGraph.descriptors`).
-FDS_PER_EXPORT = 2
-
-
 class Check(NamedTuple):
     """One thing looked at: what was found and, when it is not right, how to fix it."""
 
@@ -262,8 +257,11 @@ def registry() -> Check:
     )
 
 
-def open_files() -> Check:
-    """RLIMIT_NOFILE: each export holds descriptors in qemu-storage-daemon, which inherits it."""
+def open_files(info: qemuinfo.QemuInfo | None) -> Check:
+    """RLIMIT_NOFILE: each export holds descriptors in qemu-storage-daemon, which inherits it:
+    its file, and /dev/fuse once per queue (`BlockGraph.descriptors`)."""
+    tuning = choices.for_qemu(Tuning(), info, iothreads=None)
+    per_export = 1 + (tuning.iothreads if tuning.multiqueue else 1)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
     def shown(n: int) -> str:
@@ -272,7 +270,7 @@ def open_files() -> Check:
     facts: dict[str, object] = {"soft": soft, "hard": hard}
     # Each daemon serves at most SHARD_SIZE images and gets the soft limit they need, up to the
     # hard limit (engine/limits.py): the hard limit is what counts.
-    need = limits.descriptors_needed(FDS_PER_EXPORT * limits.SHARD_SIZE)
+    need = limits.descriptors_needed(per_export * limits.SHARD_SIZE)
     ok = hard == resource.RLIM_INFINITY or hard >= need
     if ok:
         detail = (
@@ -280,7 +278,7 @@ def open_files() -> Check:
             f"qemu-storage-daemon, of at most {limits.SHARD_SIZE}, gets the {need} it needs)"
         )
     else:
-        most = max(0, (hard - limits.BASE_DESCRIPTORS) * 10 // 11 // FDS_PER_EXPORT)
+        most = max(0, (hard - limits.BASE_DESCRIPTORS) * 10 // 11 // per_export)
         detail = f"soft {shown(soft)}, hard {shown(hard)}: at most about {most} images at once"
     remedy = (
         ""
@@ -304,7 +302,7 @@ def machine(*, allow_other_mode: AllowOther = "auto") -> list[Check]:
         fusectl(info, root=root),
         mount_fs_drivers(),
         registry(),
-        open_files(),
+        open_files(info),
     ]
 
 

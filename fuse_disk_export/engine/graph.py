@@ -175,17 +175,19 @@ class BlockGraph(NamedTuple):
 
     def descriptors(self) -> int:
         """About how many descriptors qemu-storage-daemon holds for this graph: one per file or
-        NBD connection it opens as a node, one per FUSE export (/dev/fuse), one for the NBD
-        server.  Files QEMU opens without a node of ours (vmdk extents, a backing chain it
-        follows itself) are not counted: the count only sizes a table, which the kernel grows
-        anyway if it is short."""
+        NBD connection it opens as a node, one per FUSE export and queue (/dev/fuse), one for
+        the NBD server.  Files QEMU opens without a node of ours (vmdk extents, a backing chain it
+        follows itself) are not counted.  The count sizes the daemon's descriptor table and its
+        RLIMIT_NOFILE (`limits`), with a margin."""
         held = 0
         for step in self.all_steps():
             args = step.do.args
             if step.do.name == "blockdev-add":
                 held += args.get("driver") in _HOLDS_A_DESCRIPTOR
-            elif step.do.name == "block-export-add":
-                held += args.get("type") == "fuse"
+            elif step.do.name == "block-export-add" and args.get("type") == "fuse":
+                # A multi-queue export opens /dev/fuse once per iothread (11.1.3: 4 of 4).
+                threads = args.get("iothread")
+                held += len(threads) if isinstance(threads, list) else 1
             elif step.do.name == "nbd-server-start":
                 held += 1
         return held
