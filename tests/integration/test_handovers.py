@@ -354,3 +354,21 @@ def test_a_raw_image_is_exported_with_a_note(fde: Runner, tmp_path: Path) -> Non
     proc = fde.start_live(str(img))
     err = fde.revert(proc)
     assert "already a raw image" in err and str(img) in err, err
+
+
+def test_doctor_as_a_user_without_dev_fuse_access(world: Path) -> None:
+    """--doctor as nobody, /dev/fuse a real FUSE device at 0600 root's: ✘ with the cause and
+    the remedy, and exit 1 (a default export would fail); as root the same check passes."""
+    dev = world / "dev"
+    setup = (
+        f"mkdir -p {dev}; mount -t tmpfs -o mode=0755 none {dev}; "
+        f"mknod -m 0600 {dev}/fuse c 10 229; mount --bind {dev}/fuse /dev/fuse"
+    )
+    result = _as_nobody(world, setup, "--doctor")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    failed = [i for i, line in enumerate(lines) if line.startswith("✘ /dev/fuse")]
+    assert failed, result.stdout
+    assert "mode 0600" in lines[failed[0]] and "no read and write access" in lines[failed[0]]
+    assert "chmod 0666 /dev/fuse" in lines[failed[0] + 1], result.stdout
+    assert any(line.startswith("✔ user: ") for line in lines), result.stdout
