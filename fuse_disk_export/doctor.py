@@ -21,6 +21,8 @@ from fuse_disk_export.images import ImageOptions
 from fuse_disk_export.preflight import FUSE_DEVICE
 
 FUSE_CONF = "/etc/fuse.conf"
+
+
 class Check(NamedTuple):
     """One thing looked at: what was found and, when it is not right, how to fix it."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from fuse_disk_export import choices, engine, logs, notify, pidfile, pidwatch, state, stopsignals
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
-from fuse_disk_export.engine.graph import BlockGraph, ImageSpec, Tuning
+from fuse_disk_export.engine.graph import BlockGraph, Tuning
 from fuse_disk_export.engine.process import describe_exit, find_binary
 from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.images import Resolved
@@ -52,25 +52,6 @@ class ExportRequest(NamedTuple):
     filesystem: FsPlan | None = None
     #: I/O threads of every FUSE export; None: the default for the QEMU that answers.
     iothreads: int | None = None
-
-
-def _shards(
-    specs: Sequence[ImageSpec], tuning: Tuning, secrets: Mapping[str, str]
-) -> list[list[ImageSpec]]:
-    """The images each daemon serves: at most `limits.SHARD_SIZE`, and no more than fit on its
-    command line (a shard that does not is halved until it does)."""
-    size = limits.SHARD_SIZE
-    pending = [list(specs[i : i + size]) for i in range(0, len(specs), size)] or [[]]
-    fitting: list[list[ImageSpec]] = []
-    placeholders = {key: "/dev/fd/1000" for key in secrets}
-    while pending:
-        shard = pending.pop(0)
-        if len(shard) > 1 and not limits.fits(engine.plan(shard, tuning, placeholders)):
-            half = len(shard) // 2
-            pending[:0] = [shard[:half], shard[half:]]
-        else:
-            fitting.append(shard)
-    return fitting
 
 
 def _check_vmdk_aio(request: ExportRequest, tuning: Tuning) -> None:
@@ -142,30 +123,43 @@ def live(
         if request.tuning.nbd_socket:
             # We checked nothing was there before; whatever QEMU leaves there is its socket.
             cleanup.callback(_remove_quietly, request.tuning.nbd_socket)
-        specs = [r.spec for r in request.images]
-        needs = request.preparations or [ImageExtras()] * len(specs)
-        prepared = cleanup.enter_context(prepare_images(specs, needs))
         binary = find_binary()
         # Planned for the QEMU that will answer (the plan goes on its command line); unknown
-        # counts as old: a guard costs speed where it is not needed, never data.
+        # counts as old: a guard costs speed where it is not needed, never data.  Refused
+        # combinations are refused before an overlay or a helper process is made.
         info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
         tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
         _check_vmdk_aio(request, tuning)
+        specs = [r.spec for r in request.images]
+        needs = request.preparations or [ImageExtras()] * len(specs)
+        prepared = cleanup.enter_context(prepare_images(specs, needs))
         # Given to every daemon (and a --mount-fs driver) too: the watcher removes the pid file
         # only once they have all gone as well.
         watcher = pidwatch.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
         held = [watcher] if watcher is not None else []
-        shards = _shards(prepared.specs, tuning, request.secrets or {})
+        size = limits.SHARD_SIZE
+        shards = [prepared.specs[i : i + size] for i in range(0, len(prepared.specs), size)]
 
         def start(tuning: Tuning) -> tuple[list[BlockGraph], list[engine.Daemon]]:
-            # A pipe per secret, daemon and attempt: each is read once.
-            secrets = [
-                cleanup.enter_context(engine.secret_files(request.secrets or {})) for _ in shards
-            ]
-            graphs = [
-                engine.plan(specs, tuning, files)
-                for specs, (files, _) in zip(shards, secrets, strict=True)
-            ]
+            while True:
+                # A pipe per secret, daemon and attempt: each is read once.
+                secrets = [
+                    cleanup.enter_context(engine.secret_files(request.secrets or {}))
+                    for _ in shards
+                ]
+                graphs = [
+                    engine.plan(specs, tuning, files)
+                    for specs, (files, _) in zip(shards, secrets, strict=True)
+                ]
+                # A shard whose command line the kernel would refuse is halved (long paths).
+                too_long = [
+                    i for i, g in enumerate(graphs) if len(shards[i]) > 1 and not limits.fits(g)
+                ]
+                if not too_long:
+                    break
+                for i in reversed(too_long):
+                    half = len(shards[i]) // 2
+                    shards[i : i + 1] = [shards[i][:half], shards[i][half:]]
             for graph in graphs if log.isEnabledFor(logging.DEBUG) else ():
                 for line in graph.describe():
                     log.debug("plan: %s", line)

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 from fuse_disk_export import mounts
-from fuse_disk_export.engine import limits
+from fuse_disk_export.engine import limits, versions
 from fuse_disk_export.engine.graph import BlockGraph
 from fuse_disk_export.engine.process import Spawned, describe_exit, qemu_error, spawn
 from fuse_disk_export.engine.versions import QemuVersion
@@ -193,12 +193,7 @@ def _read_greeting(sock: socket.socket, buffer: bytearray) -> dict[str, object] 
 
 
 def _version(greeting: Mapping[str, object]) -> QemuVersion:
-    qmp = greeting.get("QMP")
-    version = qmp.get("version") if isinstance(qmp, dict) else None
-    qemu = version.get("qemu") if isinstance(version, dict) else None
-    if not isinstance(qemu, dict):
-        return (0, 0, 0)
-    return (int(qemu.get("major", 0)), int(qemu.get("minor", 0)), int(qemu.get("micro", 0)))
+    return versions.from_greeting(greeting) or (0, 0, 0)
 
 
 def explain(lines: list[str], graph: BlockGraph) -> FdeError | None:

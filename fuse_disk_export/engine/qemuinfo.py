@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from fuse_disk_export.engine import versions
 from fuse_disk_export.engine.versions import QemuVersion
 
 #: The cache's file name, in the folder the caller gives.
@@ -106,9 +107,7 @@ def parse(replies: Iterable[bytes]) -> QemuInfo | None:
         if not isinstance(message, dict):
             continue
         if "QMP" in message:
-            qemu = message["QMP"].get("version", {}).get("qemu", {})
-            with contextlib.suppress(KeyError, TypeError):
-                version = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
+            version = versions.from_greeting(message)
         elif isinstance(message.get("return"), list):
             if version is None:
                 return None

@@ -54,5 +54,18 @@ def punch_hole_may_keep_data(version: QemuVersion) -> bool:
     return version < PUNCH_HOLE_WRITES_ZEROES
 
 
+def from_greeting(greeting: object) -> QemuVersion | None:
+    """The version a QMP greeting names (``{"QMP": {"version": {"qemu": {...}}}}``), or None."""
+    qmp = greeting.get("QMP") if isinstance(greeting, dict) else None
+    version = qmp.get("version") if isinstance(qmp, dict) else None
+    qemu = version.get("qemu") if isinstance(version, dict) else None
+    if not isinstance(qemu, dict):
+        return None
+    try:
+        return (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def describe(version: QemuVersion) -> str:
     return ".".join(map(str, version))

@@ -16,7 +16,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import pytest
 
@@ -76,16 +76,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _copy_sparse(src: object, dst: object) -> None:
-    read = src.read  # type: ignore[attr-defined]
+def _copy_sparse(src: IO[bytes], dst: IO[bytes]) -> None:
     size = 0
-    while chunk := read(CHUNK):
+    while chunk := src.read(CHUNK):
         if chunk.count(0) == len(chunk):
-            dst.seek(len(chunk), os.SEEK_CUR)  # type: ignore[attr-defined]
+            dst.seek(len(chunk), os.SEEK_CUR)
         else:
-            dst.write(chunk)  # type: ignore[attr-defined]
+            dst.write(chunk)
         size += len(chunk)
-    dst.truncate(size)  # type: ignore[attr-defined]
+    dst.truncate(size)
 
 
 @pytest.fixture
