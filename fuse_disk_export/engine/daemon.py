@@ -96,6 +96,7 @@ class Daemon:
         self.version = version
         self._spawned = spawned
         self._pidfd = pidfd
+        self._terminated = False
 
     @property
     def pid(self) -> int:
@@ -394,21 +395,28 @@ def serve(daemon: Daemon, *, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
 def stop_all(daemons: Sequence[Daemon]) -> None:
     """`stop` every daemon; they all unmount at once (SIGTERM to each first)."""
     for daemon in daemons:
-        if daemon.process.poll() is None:
-            daemon.process.send_signal(signal.SIGTERM)
+        _terminate(daemon)
     for daemon in daemons:
         stop(daemon)
+
+
+def _terminate(daemon: Daemon) -> bool:
+    """SIGTERM, once; whether the daemon was still running."""
+    if daemon.process.poll() is not None:
+        return False
+    if not daemon._terminated:
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon._terminated = True
+    return True
 
 
 def stop(daemon: Daemon, timeout: float = STOP_TIMEOUT) -> int:
     """Stop the daemon, reap it, and return its ``Popen.returncode``; whatever it left mounted
     is detached.  Stopping one that has stopped already just returns its status."""
     process = daemon.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        if not select.select([daemon._pidfd], [], [], timeout)[0]:
-            log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
-            process.kill()
+    if _terminate(daemon) and not select.select([daemon._pidfd], [], [], timeout)[0]:
+        log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
+        process.kill()
     daemon._close()
     status = process.returncode
     left = _detach_new(daemon.graph, set())
