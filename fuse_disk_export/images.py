@@ -221,28 +221,39 @@ def _file_beside(ref: str, *, owner: str, kind: str) -> str:
     return path
 
 
-def _check_extents(image: str) -> str:
-    """Refuse a VMDK descriptor whose extents are anything but files beside it; return why its
-    extents must not be written ("" where they may).
+def _check_extents(image: str, backing: Backing) -> str:
+    """Return why a VMDK descriptor's extents must not be written ("" where they may); unless
+    ``backing`` is "any", first refuse extents that are anything but files beside it.
 
     QEMU opens every extent a descriptor names, absolute paths and devices included: for our
     purposes an extent is an external data file.  A sparse extent may be streamOptimized, which
-    only its own header tells.
+    only its own header tells, whatever the backing policy; one we cannot read counts as one
+    QEMU cannot write.
     """
     try:
         extents = detect.vmdk_extent_files(image)
     except ImageError as e:
-        raise BackingError(e.reason, path=image) from None
+        if backing != "any":
+            raise BackingError(e.reason, path=image) from None
+        return f"its extents cannot be read ({e.reason})"
     why_read_only = ""
     for ref in extents:
-        path = _file_beside(ref, owner=image, kind="vmdk extent")
+        if backing != "any":
+            path = _file_beside(ref, owner=image, kind="vmdk extent")
+        else:
+            path = os.path.realpath(os.path.join(os.path.dirname(image), ref))
+            if not os.path.isfile(path):
+                continue  # a device or nothing: QEMU's to open, not ours to read
         log.info("%s: vmdk extent %r -> %s", image, ref, path)
         try:
             extent = detect.probe(path)
-        except ImageError:
-            continue  # QEMU says what is wrong with it when it opens it
-        if extent.format == "vmdk" and extent.read_only and not why_read_only:
-            why_read_only = f"its extent {ref!r}: {extent.read_only}"
+        except ImageError as e:
+            why = f"its extent {ref!r} cannot be read ({e.reason})"
+        else:
+            # A flat extent holds the guest's bytes, whatever format they look like.
+            sparse_and_unsafe = extent.format == "vmdk" and extent.read_only
+            why = f"its extent {ref!r}: {extent.read_only}" if sparse_and_unsafe else ""
+        why_read_only = why_read_only or why
     return why_read_only
 
 
@@ -250,16 +261,14 @@ def _why_read_only(path: str, fmt: str, info: detect.ImageInfo | None, backing: 
     """Why ``path`` must not be opened writable, or "": QEMU cannot write it, or cannot safely.
 
     ``info`` is None where the user's -f overrides the probed format.
+    :raise BackingError: a vmdk extent the backing policy refuses (checked whatever else).
     """
     if fmt in READ_ONLY_FORMATS:
         return READ_ONLY_DRIVER
     if info is None:
         return ""
-    if info.read_only:
-        return info.read_only
-    if fmt == "vmdk" and backing != "any":
-        return _check_extents(path)
-    return ""
+    extents = _check_extents(path, backing) if fmt == "vmdk" else ""
+    return info.read_only or extents
 
 
 def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
@@ -293,7 +302,7 @@ def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
         if fmt == "luks" or below.encrypted:
             raise BackingError(f"backing file {ref!r} is encrypted; not supported", path=owner)
         if fmt == "vmdk":
-            _check_extents(path)
+            _check_extents(path, "safe")  # opened read-only: only the policy matters here
         layers.append(Layer(path, fmt, read_only=True))
         log.info("%s: backing file %r -> %s (%s)", owner, ref, path, fmt)
         owner, current = path, below

@@ -10,6 +10,7 @@ file or extent) and shows the reference.  --backing=none exports the top image a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -257,14 +258,17 @@ DESCRIPTOR = """# Disk DescriptorFile
 version=1
 CID=12345678
 parentCID=ffffffff
-createType="monolithicFlat"
+createType="{create_type}"
 
-RW 32768 FLAT "{extent}" 0
+RW 32768 {kind} "{extent}" 0
 """
 
 
-def descriptor(path: Path, extent: str) -> Path:
-    path.write_text(DESCRIPTOR.format(extent=extent))
+def descriptor(
+    path: Path, extent: str, create_type: str = "monolithicFlat", kind: str = "FLAT"
+) -> Path:
+    text = DESCRIPTOR.format(extent=extent, create_type=create_type, kind=kind)
+    path.write_text(text if kind == "FLAT" else text.replace(" 0\n", "\n"))
     return path
 
 
@@ -273,8 +277,10 @@ def descriptor(path: Path, extent: str) -> Path:
     ["/dev/zero", "../outside/secret.raw", "link-out.raw"],
     ids=["device", "parent-folder", "symlink-out"],
 )
+# A descriptor whose type QEMU opens read-only is checked all the same: it reads the extent.
+@pytest.mark.parametrize("create_type", ["monolithicFlat", "seSparse"])
 def test_vmdk_extent_outside_the_folder_is_refused(
-    fde: Runner, tmp_path: Path, extent: str
+    fde: Runner, tmp_path: Path, extent: str, create_type: str
 ) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -283,10 +289,10 @@ def test_vmdk_extent_outside_the_folder_is_refused(
     secret = outside / "secret.raw"
     secret.write_bytes(b"SECRET!!" * (2 * MiB))
     (images / "link-out.raw").symlink_to(secret)
-    vmdk = descriptor(images / "disk.vmdk", extent)
+    vmdk = descriptor(images / "disk.vmdk", extent, create_type)
     line = refused(fde, "-r", image=vmdk)
     assert f"vmdk extent {extent!r} lies outside the image's folder" in line, line
-    if extent != "/dev/zero":
+    if extent != "/dev/zero" and create_type == "monolithicFlat":
         # What the refusal protects from: with --backing=any, QEMU reads the file named.
         proc = fde.start_live("-r", "--backing=any", str(vmdk))
         with open(vmdk, "rb") as f:
@@ -309,6 +315,29 @@ def test_vmdk_with_extents_beside_it_is_exported(
         f.seek(MiB)
         assert f.read(65536) == b"\x5c" * 65536
     fde.revert(proc)
+    assert_all_clean(tmp_path)
+
+
+@pytest.mark.parametrize("backing", ["safe", "any"])
+def test_a_stream_optimized_extent_is_never_written(
+    fde: Runner, tmp_path: Path, backing: str
+) -> None:
+    """QEMU cannot write a streamOptimized extent safely, also when a descriptor names it and
+    whatever the backing policy: the export is read-only, the extent untouched."""
+    extent = tmp_path / "disk-s001.vmdk"
+    qemu_img(
+        "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", str(extent), "16M"
+    )
+    vmdk = descriptor(tmp_path / "disk.vmdk", extent.name, "twoGbMaxExtentSparse", "SPARSE")
+    before = sha256(extent)
+    proc = fde.start_live(f"--backing={backing}", str(vmdk))
+    try:
+        with pytest.raises(OSError) as raised, open(vmdk, "r+b") as f:
+            f.write(b"x" * 4096)
+        assert raised.value.errno in (errno.EROFS, errno.EACCES)  # a read-only file
+    finally:
+        fde.revert(proc)
+    assert sha256(extent) == before
     assert_all_clean(tmp_path)
 
 
