@@ -430,6 +430,8 @@ def resolve(
         if _check_overlay(overlay, real, fmt, size, read_only=read_only):
             new_overlay_size = size
     target = os.path.abspath(mountpoint) if mountpoint else real
+    if overlay is not None and os.path.realpath(overlay) == os.path.realpath(target):
+        raise UsageError("--overlay and the mount point must be different files", path=overlay)
     creates = target != real and _check_mountpoint(target)
     spec = ImageSpec(
         image=real,

@@ -115,6 +115,9 @@ def check(options: Options) -> None:
     if options.snapshot and options.load_snapshot:
         raise UsageError("-l/--load-snapshot exports read-only; it cannot be used with --snapshot")
     if options.overlay is not None:
+        if not options.overlay:
+            # Not taken for "no overlay": the writes would then reach the image itself.
+            raise UsageError("--overlay needs a file name (it was given an empty one)")
         if len(options.images) > 1:
             raise UsageError("--overlay FILE takes one image")
         if options.snapshot or options.load_snapshot:

@@ -75,7 +75,7 @@ def _image_options(options: Options) -> ImageOptions:
         read_only=options.read_only,
         backing=options.backing,
         snapshot=options.snapshot,
-        overlay=os.path.abspath(options.overlay) if options.overlay else None,
+        overlay=os.path.abspath(options.overlay) if options.overlay is not None else None,
         load_snapshot=options.load_snapshot,
     )
 
@@ -101,7 +101,7 @@ def _secrets(options: Options, images: list[Resolved], ask: AskPassphrase | None
 
 
 def _preparations(options: Options, images: list[Resolved]) -> list[ImageExtras]:
-    if not (options.snapshot or options.load_snapshot or options.overlay):
+    if not (options.snapshot or options.load_snapshot or options.overlay is not None):
         return []
     needs = []
     for r in images:

@@ -284,6 +284,16 @@ def test_overlay_of_another_image_is_refused(fde: Runner, sample: Path, tmp_path
 
 
 @pytest.mark.parametrize("sample", ["parallels-v2"], indirect=True)
+def test_overlay_on_the_mount_point_is_refused(fde: Runner, sample: Path, tmp_path: Path) -> None:
+    """Else the mount point's removal on revert would take the overlay and its writes along."""
+    view = tmp_path / "view.raw"
+    before = _sha256(sample)
+    line = _one_line_error(fde.run("-m", str(view), "--overlay", str(view), str(sample)), view)
+    assert "different files" in line
+    assert _sha256(sample) == before and not view.exists()
+
+
+@pytest.mark.parametrize("sample", ["parallels-v2"], indirect=True)
 def test_overlay_made_for_a_failed_export_is_removed(
     fde: Runner, sample: Path, tmp_path: Path
 ) -> None:

@@ -14,6 +14,8 @@ from fuse_disk_export.options import Options, check
         (Options(("a.vmdk", "b.vmdk"), overlay="w.qcow2"), "one image"),
         (Options(("a.vmdk",), overlay="w.qcow2", snapshot=True), "-s or -l"),
         (Options(("a.qcow2",), overlay="w.qcow2", load_snapshot="s1"), "-s or -l"),
+        # "--overlay $UNSET": not taken for no overlay, which would write to the image.
+        (Options(("a.vmdk",), overlay=""), "needs a file name"),
     ],
 )
 def test_overlay_refusals(options: Options, message: str) -> None:
