@@ -257,24 +257,20 @@ def serve(
                 if now.filesystem
                 else None
             )
-            first, *others = now.daemons
-            # Every daemon's death ends the serving: all or nothing, as the setup was.
-            shards = [engine.Exited(d.pid, "qemu-storage-daemon") for d in others]
-            watched: list[engine.Watch] = [signals, *shards, *([driver] if driver else [])]
+            watched: list[engine.Watch] = [signals, *([driver] if driver else [])]
             try:
-                by, why = engine.serve(first, watch=watched)
+                by, why = engine.serve(*now.daemons, watch=watched)
+            except QemuError as e:
+                if len(now.daemons) == 1:
+                    raise
+                # Every daemon's death ends the serving: all or nothing, as the setup was.
+                raise QemuError(f"{e.reason}; reverted every export of this invocation") from None
             finally:
                 notify.stopping()
-                for exited in [*shards, *([driver] if driver else [])]:
-                    exited.close()
+                if driver:
+                    driver.close()
             if by is driver and now.filesystem is not None:
                 raise _driver_died(now.filesystem)
-            if by in shards:
-                dead = others[shards.index(by)]
-                raise QemuError(
-                    f"qemu-storage-daemon (pid {dead.pid}) {describe_exit(dead.process.wait())} "
-                    f"while serving; reverted every export of this invocation"
-                )
             log.info("%s received, reverting", why)
     return 0
 

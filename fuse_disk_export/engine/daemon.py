@@ -148,23 +148,24 @@ def secret_files(secrets: Mapping[str, str]) -> Iterator[tuple[dict[str, str], l
 
 
 class _Waiter:
-    """One ``poll`` over the daemon's descriptors and the caller's watches."""
+    """One ``poll`` over the daemons' descriptors (their exits, their stderr, passed on as it
+    comes so that none ever blocks writing it) and the caller's watches."""
 
-    def __init__(self, spawned: Spawned, pidfd: int, watch: Sequence[Watch]) -> None:
-        self.spawned = spawned
-        self.pidfd = pidfd
+    def __init__(self, daemons: Sequence["Daemon"], watch: Sequence[Watch]) -> None:
+        self.stderrs = [d._spawned.stderr for d in daemons]
         self.watch = [w for w in watch if w.fileno >= 0]
         self.poller = select.poll()
-        for fd in [pidfd, spawned.stderr.fd, *(w.fileno for w in self.watch)]:
+        fds = [fd for d in daemons for fd in (d._pidfd, d._spawned.stderr.fd)]
+        for fd in [*fds, *(w.fileno for w in self.watch)]:
             if fd >= 0:
                 self.poller.register(fd, select.POLLIN)
 
-    def wait(self, timeout: float | None) -> set[int]:
-        """The descriptors that turned readable (the daemon's stderr is passed on here)."""
+    def wait(self, timeout: float | None = None) -> set[int]:
+        """The descriptors that turned readable (what the daemons wrote is passed on here)."""
         ready = {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
-        stderr = self.spawned.stderr
-        if stderr.fd in ready and not stderr.pump():
-            self.poller.unregister(stderr.fd)
+        for stderr in self.stderrs:
+            if stderr.fd in ready and not stderr.pump():
+                self.poller.unregister(stderr.fd)
         return ready
 
     def called_off(self) -> tuple[Watch, str] | None:
@@ -216,7 +217,8 @@ def explain(lines: list[str], graph: BlockGraph) -> FdeError | None:
                 causes = [c for c in lines[:index] if not c.startswith("--")]
                 if causes and causes[-1] not in reason:
                     reason = f"{reason} ({causes[-1]})"
-                image = step.image if not step.image.startswith("secret ") else None
+                # Steps of no image ("secret KEY", "iothread") name no file.
+                image = step.image if os.path.isabs(step.image) else None
                 return qemu_error(reason, path=image)
     return None
 
@@ -266,10 +268,17 @@ class _Starting:
         self.greeting: dict[str, object] | None = None
 
     def abandon(self) -> None:
-        """Kill it (it has not greeted: nothing of it is in use), reap it, detach its mounts."""
+        """Stop it, reap it, detach its mounts: SIGTERM if it has greeted (its images are open
+        and its exports mounted: it closes them in order), else SIGKILL (nothing of it is in use
+        yet; it may hang in an open)."""
         process = self.spawned.process
         if process.poll() is None:
-            process.kill()
+            if self.greeting is None:
+                process.kill()
+            else:
+                process.terminate()
+                if not select.select([self.pidfd], [], [], STOP_TIMEOUT)[0]:
+                    process.kill()
         process.wait()
         os.close(self.pidfd)
         _close(self.spawned)
@@ -323,14 +332,23 @@ def start_all(
                         stopped = why
                         log.info("%s during setup: rolling back once every daemon is up", why)
                         deadline = time.monotonic() + SETUP_GRACE
+                        # They stay readable (a peeked "cancel", an undrained wakeup): polled
+                        # further, they would turn this wait into a spin.
+                        for watched in waiter_watch:
+                            poller.unregister(watched.fileno)
                         break
             for one in starting:
                 stderr = one.spawned.stderr
                 if stderr.fd in ready and not stderr.pump():
                     poller.unregister(stderr.fd)
-                if one.greeting is None and one.spawned.qmp_socket.fileno() in ready:
+                socket_fd = one.spawned.qmp_socket.fileno()
+                if one.greeting is None and socket_fd in ready:
                     one.greeting = _read_greeting(one.spawned.qmp_socket, one.buffer)
-                if one.greeting is None and one.pidfd in ready:
+                    if one.greeting is not None:
+                        poller.unregister(socket_fd)  # it says nothing more (until EOF)
+                # Greeted or not, a daemon that dies before all are up fails them all (and a
+                # readable pidfd left registered would turn this wait into a spin).
+                if one.pidfd in ready:
                     raise _died(one.spawned, one.graph, one.before, stopped)
             if deadline is not None and time.monotonic() >= deadline:
                 late = [one.spawned.process.pid for one in starting if one.greeting is None]
@@ -371,25 +389,28 @@ def _died(spawned: Spawned, graph: BlockGraph, before: set[int], stopped: str | 
     return error
 
 
-def serve(daemon: Daemon, *, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
-    """Serve until a watch calls it off; return that watch and its reason.  The daemon is
-    still running: `stop` it.
+def serve(*daemons: Daemon, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
+    """Serve until a watch calls it off; return that watch and its reason.  The daemons are
+    still running: `stop_all` them.
 
-    :raise QemuError: the daemon died while serving (its mounts have been detached).
+    :raise QemuError: a daemon died while serving (its mounts have been detached; the others
+        still run).
     """
-    waiter = _Waiter(daemon._spawned, daemon._pidfd, watch)
+    waiter = _Waiter(daemons, watch)
     while True:
         called = waiter.called_off()
         if called is not None:
             return called
-        if daemon._pidfd in waiter.wait(None):
-            status = daemon.process.wait()
-            left = _detach_new(daemon.graph, set())
-            log.debug("detached the dead mounts on %s", ", ".join(left))
-            raise QemuError(
-                f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while serving; "
-                f"unmounted {', '.join(daemon.mountpoints)}"
-            )
+        ready = waiter.wait()
+        for daemon in daemons:
+            if daemon._pidfd in ready:
+                status = daemon.process.wait()
+                left = _detach_new(daemon.graph, set())
+                log.debug("detached the dead mounts on %s", ", ".join(left))
+                raise QemuError(
+                    f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while "
+                    f"serving; unmounted {', '.join(daemon.mountpoints)}"
+                )
 
 
 def stop_all(daemons: Sequence[Daemon]) -> None:
@@ -410,11 +431,21 @@ def _terminate(daemon: Daemon) -> bool:
     return True
 
 
+def _exited_within(daemon: Daemon, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for the daemon's exit, passing on what it writes meanwhile."""
+    waiter = _Waiter([daemon], ())
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if daemon._pidfd in waiter.wait(left):
+            return True
+    return False
+
+
 def stop(daemon: Daemon, timeout: float = STOP_TIMEOUT) -> int:
     """Stop the daemon, reap it, and return its ``Popen.returncode``; whatever it left mounted
     is detached.  Stopping one that has stopped already just returns its status."""
     process = daemon.process
-    if _terminate(daemon) and not select.select([daemon._pidfd], [], [], timeout)[0]:
+    if _terminate(daemon) and not _exited_within(daemon, timeout):
         log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
         process.kill()
     daemon._close()
