@@ -73,7 +73,10 @@ def probe_disk(path: str, image: str | None = None) -> Disk:
     :raise PartitionError: the table is malformed.
     """
     table = _read(path, image or path)
-    return Disk(table, *_filesystems(path, table))
+    try:
+        return Disk(table, *_filesystems(path, table))
+    except OSError as e:  # QEMU's EIO from a damaged image, read through the view
+        raise PartitionError(f"reading its filesystems: {e.strerror}", path=image or path) from None
 
 
 def read_disks(specs: Sequence[ImageSpec], secrets: Mapping[str, str] | None = None) -> list[Disk]:
