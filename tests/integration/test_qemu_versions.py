@@ -52,7 +52,10 @@ def test_write_guard_where_qemu_lacks_the_fix(fde: Runner, tmp_path: Path, guard
     assert chosen["write_guard"] == (guard == "default" and affected)
     assert chosen["multiqueue"] == info.multiqueue_fuse
     # Measured: 7.2 and 10.0.2 mix up concurrent writes, 11.1.3 has the fix (and the list).
-    assert affected == (info.version < (11, 0, 0))
+    # Other versions are not asserted: which release first has the fix is not established.
+    measured = {(7, 2, 22): True, (10, 0, 2): True, (11, 1, 3): False}.get(info.version)
+    if measured is not None:
+        assert affected == measured
     assert limited == (guard == "default" and affected)
     assert_all_clean(tmp_path)
 

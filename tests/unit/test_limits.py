@@ -27,11 +27,18 @@ def test_fuse_exports_one_daemon_holds() -> None:
 
 
 def test_descriptor_limit_raised_for_the_child_only() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = min(soft + 100, hard)
-    with limits.nofile_for_child(wanted):
-        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= wanted
-    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+    original = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = original
+    # A soft limit below the hard one, so that there is room to raise it (here both can be
+    # equal, and then nothing would be raised and nothing tested).
+    lowered = 512 if hard == resource.RLIM_INFINITY else min(512, hard - 100)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        with limits.nofile_for_child(lowered + 100):
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= lowered + 100
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (lowered, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, original)
 
 
 def test_too_low_a_hard_limit_is_refused_with_the_remedy() -> None:
