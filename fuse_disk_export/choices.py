@@ -1,6 +1,6 @@
 """What the tool chooses for the QEMU at hand: pure, so that each choice is tested in isolation.
 
-The README's table "What the tool chooses on each QEMU" is this module in words, and
+The table "What the tool chooses on each QEMU" in docs/usage.md is this module in words, and
 docs/performance.md holds the measurements behind each number.
 """
 
@@ -32,7 +32,7 @@ def for_qemu(tuning: Tuning, info: QemuInfo | None, *, iothreads: int | None) ->
     elif iothreads > 1 and not multiqueue:
         raise UsageError(
             f"--iothreads {iothreads}: QEMU {_name(version)} serves a FUSE export from one "
-            "thread (multi-queue FUSE exports came with QEMU 11); use --iothreads 1 or 0"
+            "thread (it has no multi-queue FUSE exports; 11.1.3 has them); use --iothreads 1 or 0"
         )
     elif iothreads and tuning.nbd_socket is not None:
         raise UsageError("--iothreads cannot be combined with --nbd-socket")

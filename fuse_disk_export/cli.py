@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--iothreads",
         metavar="N",
         type=int,
-        help="I/O threads per export (default 4 with multi-queue FUSE, QEMU 11)",
+        help="I/O threads per export (default 4 with multi-queue FUSE)",
     )
     p.add_argument(
         "--no-write-guard",

@@ -104,7 +104,7 @@ complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l discard -xka "i
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l detect-zeroes -xka "off on unmap" -d 'detect writes of zeroes, write them efficiently (default off)'
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l cache -xka "none writeback writethrough directsync unsafe" -d 'host cache mode, as in qemu-nbd (default writeback)'
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l aio -xka "threads native io_uring" -d 'AIO: threads, native (needs --cache none/directsync), io_uring'
-complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l iothreads -x -d 'I/O threads per export (default 4 with multi-queue FUSE, QEMU 11)'
+complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l iothreads -x -d 'I/O threads per export (default 4 with multi-queue FUSE)'
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l no-write-guard -d 'let writes run concurrently (only for a QEMU with the FUSE fix)'
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l log-file -xka "(__fish_complete_path (commandline -ct))" -d 'with -d: log here (default: syslog, if /dev/log exists)'
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l list -d 'list live exports and exit (--json: as JSON)'
