@@ -103,7 +103,13 @@ def allow_other(*, root: bool, mode: AllowOther, conf: str = FUSE_CONF) -> Check
     except FileNotFoundError:
         allowed = False
     except OSError as e:
-        return Check("user_allow_other", False, f"{conf}: {e.strerror}", needed=mode == "on")
+        return Check(
+            "user_allow_other",
+            False,
+            f"{conf}: {e.strerror}",
+            f"chmod a+r {conf} (as root; fusermount3 reads it too)",
+            needed=mode == "on",
+        )
     name = "user_allow_other"
     if root:
         return Check(name, True, "not needed as root: other users can see the exports")
@@ -209,8 +215,9 @@ def fusectl(info: qemuinfo.QemuInfo | None, *, root: bool) -> Check:
     why = "the write guard needs it on this QEMU" if needed else "not needed on this QEMU"
     if mounted:
         return Check("fusectl", True, f"mounted on {mounts.FUSECTL}", needed=needed)
-    if root:
-        return Check("fusectl", True, f"not mounted; root mounts it when needed ({why})")
+    if root or not needed:
+        mounter = "root mounts it when needed" if needed else "no export needs it"
+        return Check("fusectl", True, f"not mounted; {mounter} ({why})", needed=needed)
     return Check(
         "fusectl",
         False,
