@@ -10,7 +10,6 @@ be refused with the image left byte-identical; with ``--overlay FILE``, writes g
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from typing import IO, NamedTuple
 import pytest
 
 from tests.helpers.host import IN_CI
+from tests.helpers.images import sha256
 from tests.helpers.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,14 +101,6 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=300)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _data_ranges(image: Path, fmt: str, size: int) -> list[tuple[int, int]]:
     """Where the virtual disk holds data (qemu-img map), and a few places between."""
     if size <= WHOLE:
@@ -147,11 +139,11 @@ def test_every_sample_is_tested(corpus: Path) -> None:
 @pytest.mark.parametrize("sample", sorted(SAMPLES), indirect=True)
 def test_read_only_equals_qemu_img_convert(fde: Runner, sample: Path) -> None:
     fmt = SAMPLES[sample.name].format
-    before = _sha256(sample)
+    before = sha256(sample)
     if sample.name == DIRTY_LOG:
         line = _one_line_error(fde.run("-r", str(sample)), sample)
         assert "log" in line
-        assert _sha256(sample) == before
+        assert sha256(sample) == before
         return
     expected = sample.with_suffix(".expected")
     _run("qemu-img", "convert", "-f", fmt, "-O", "raw", str(sample), str(expected))
@@ -163,7 +155,7 @@ def test_read_only_equals_qemu_img_convert(fde: Runner, sample: Path) -> None:
         _same_bytes(sample, expected, ranges)
     finally:
         fde.revert(proc)
-    assert _sha256(sample) == before
+    assert sha256(sample) == before
 
 
 def _check_status(image: Path, fmt: str) -> int:
@@ -195,7 +187,7 @@ def test_default_write_lands_or_leaves_the_image_untouched(
     fde: Runner, sample: Path, tmp_path: Path
 ) -> None:
     expect = SAMPLES[sample.name]
-    before = _sha256(sample)
+    before = sha256(sample)
     status = _check_status(sample, expect.format)
     pattern = tmp_path / "pattern"
     pattern.write_bytes(b"\x5a" * 4096)
@@ -210,7 +202,7 @@ def test_default_write_lands_or_leaves_the_image_untouched(
     if expect.read_only:
         assert written.returncode != 0, "a write reached an image that must stay read-only"
         assert expect.read_only in err and "exporting read-only" in err, err
-        assert _sha256(sample) == before
+        assert sha256(sample) == before
         return
     assert written.returncode == 0, written.stderr
     after = _check_status(sample, expect.format)
@@ -223,10 +215,10 @@ def test_default_write_lands_or_leaves_the_image_untouched(
 
 @pytest.mark.parametrize("sample", FUZZED, indirect=True)
 def test_fuzzed_image_is_one_line_of_error(fde: Runner, sample: Path) -> None:
-    before = _sha256(sample)
+    before = sha256(sample)
     _one_line_error(fde.run(str(sample)), sample)
     _one_line_error(fde.run("-r", str(sample)), sample)
-    assert _sha256(sample) == before
+    assert sha256(sample) == before
 
 
 def _qemu_io_reads(image: Path, fmt: str, byte: int, offset: int) -> bool:
@@ -239,7 +231,7 @@ def _qemu_io_reads(image: Path, fmt: str, byte: int, offset: int) -> bool:
 )
 def test_overlay_keeps_writes_across_runs(fde: Runner, sample: Path, tmp_path: Path) -> None:
     fmt = SAMPLES[sample.name].format
-    before = _sha256(sample)
+    before = sha256(sample)
     overlay = tmp_path / "writes.qcow2"
     first, second = tmp_path / "first", tmp_path / "second"
     first.write_bytes(b"\x11" * 4096)
@@ -249,7 +241,7 @@ def test_overlay_keeps_writes_across_runs(fde: Runner, sample: Path, tmp_path: P
         assert _dd(first, sample, 0, 4096).returncode == 0
     finally:
         fde.revert(proc)
-    assert _sha256(sample) == before
+    assert sha256(sample) == before
     info = json.loads(_run("qemu-img", "info", "--output=json", str(overlay)).stdout)
     assert info["format"] == "qcow2"
     assert info["backing-filename"] == str(sample)
@@ -262,7 +254,7 @@ def test_overlay_keeps_writes_across_runs(fde: Runner, sample: Path, tmp_path: P
         assert _dd(second, sample, 1 << 20, 4096).returncode == 0
     finally:
         fde.revert(proc)
-    assert _sha256(sample) == before
+    assert sha256(sample) == before
     assert _qemu_io_reads(overlay, "qcow2", 0x11, 0)
     assert _qemu_io_reads(overlay, "qcow2", 0x22, 1 << 20)
     if not SAMPLES[sample.name].read_only:
@@ -277,20 +269,20 @@ def test_overlay_of_another_image_is_refused(fde: Runner, sample: Path, tmp_path
     _run("qemu-img", "create", "-q", "-f", "qcow2", str(other), "2M")
     overlay = tmp_path / "writes.qcow2"
     _run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(other), str(overlay))
-    before, overlay_before = _sha256(sample), _sha256(overlay)
+    before, overlay_before = sha256(sample), sha256(overlay)
     line = _one_line_error(fde.run("--overlay", str(overlay), str(sample)), overlay)
     assert "not of" in line
-    assert (_sha256(sample), _sha256(overlay)) == (before, overlay_before)
+    assert (sha256(sample), sha256(overlay)) == (before, overlay_before)
 
 
 @pytest.mark.parametrize("sample", ["parallels-v2"], indirect=True)
 def test_overlay_on_the_mount_point_is_refused(fde: Runner, sample: Path, tmp_path: Path) -> None:
     """Else the mount point's removal on revert would take the overlay and its writes along."""
     view = tmp_path / "view.raw"
-    before = _sha256(sample)
+    before = sha256(sample)
     line = _one_line_error(fde.run("-m", str(view), "--overlay", str(view), str(sample)), view)
     assert "different files" in line
-    assert _sha256(sample) == before and not view.exists()
+    assert sha256(sample) == before and not view.exists()
 
 
 @pytest.mark.parametrize("sample", ["parallels-v2"], indirect=True)
