@@ -223,6 +223,7 @@ def live(
                     for r in request.images
                 ]
             )
+        prepared.keep_created()
         collected.stop()
         yield Live(daemons, warnings, mounted)
 

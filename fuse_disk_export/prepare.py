@@ -45,10 +45,13 @@ class PreparedImages:
         #: ``--overlay`` files made here, removed unless the export goes live.
         self.created: list[str] = []
 
+    def keep_created(self) -> None:
+        """Keep the ``--overlay`` files made here: the export is live."""
+        self.created.clear()
+
     def forget_overlays(self) -> None:
         """Unlink the temporary overlays once QEMU has them open (nothing is left even after a
-        SIGKILL), and keep the ``--overlay`` files made: the export is live."""
-        self.created.clear()
+        SIGKILL)."""
         for path in self.overlays:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -181,6 +184,4 @@ def prepare_images(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         if result.directory:
-            import shutil
-
             shutil.rmtree(result.directory, ignore_errors=True)
