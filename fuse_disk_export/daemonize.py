@@ -233,8 +233,7 @@ def run_detached(work: Callable[[Reporter], int], *, log_stream: IO[str] | None 
             stdin=devnull,
             stdout=devnull,
             stderr=log_stream or devnull,
-            # Our handlers (the stop-signal record, then the session's) revert; python-daemon's
-            # would not.
+            # Our stop-signal handlers (stopsignals) revert; python-daemon's would not.
             signal_map={},
         )
         with context:

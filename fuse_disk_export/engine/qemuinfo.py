@@ -84,9 +84,14 @@ def _remember(binary: str, info: QemuInfo, cache: str) -> None:
         os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
         # Written beside, then renamed: readers see the old cache or the new one.
         tmp = f"{cache}.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8", opener=_private) as f:
-            f.write(json.dumps(known))
-        os.replace(tmp, cache)
+        try:
+            with open(tmp, "w", encoding="utf-8", opener=_private) as f:
+                f.write(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def _private(path: str, flags: int) -> int:
