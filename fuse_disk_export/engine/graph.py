@@ -378,7 +378,10 @@ def _secret_steps(secret_files: Mapping[str, str]) -> list[Step]:
 
 
 def nbd_names(specs: Sequence[ImageSpec]) -> list[str]:
-    """NBD export names: each image's file name, made unique within the invocation."""
+    """NBD export names: each image's file name, made unique within the invocation.
+
+    A single image is also the server's default export (`DEFAULT_NBD_NAME`, see `_nbd_steps`).
+    """
     names: list[str] = []
     for spec in specs:
         name = os.path.basename(spec.mountpoint)
@@ -412,7 +415,16 @@ def _nbd_steps(
             "writethrough": tuning.writethrough,
         }
         steps.append(Step(spec.image, Command("block-export-add", args)))
+        if len(specs) == 1:
+            # What qemu-nbd serves without -x, and so what an URI without a name
+            # ("nbd+unix:///?socket=...") asks for.  One node takes two NBD exports.
+            default = {**args, "id": f"{export_id}-default", "name": DEFAULT_NBD_NAME}
+            steps.append(Step(spec.image, Command("block-export-add", default)))
     return steps, names
+
+
+#: The name of the NBD export a client gets when it names none.
+DEFAULT_NBD_NAME = ""
 
 
 def plan(

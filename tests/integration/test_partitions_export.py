@@ -188,8 +188,8 @@ def test_nbd_beside_fuse_shows_allocation_depth(
     with open(top, "rb") as f:  # the FUSE view at the same time
         f.seek(4 * MiB)
         assert f.read(4096) == b"\x22" * 4096
-    # NBD is the writable side.
-    qemu_io("raw", uri, "write -P 0x33 8M 64k")
+    # NBD is the writable side; a single image is also the default export, as with qemu-nbd.
+    qemu_io("raw", f"nbd+unix:///?socket={sock}", "write -P 0x33 8M 64k")
     fde.revert(proc)
     assert not sock.exists()
     qemu_io("qcow2", top, "read -P 0x33 8M 64k")

@@ -63,6 +63,25 @@ def test_command_line_renders_every_step_as_an_option_with_json() -> None:
     assert [e["type"] for e in exports] == ["nbd", "nbd", "fuse", "fuse"]
 
 
+def test_a_single_image_is_also_the_default_nbd_export() -> None:
+    """As with qemu-nbd without -x, an URI naming no export reaches the one image."""
+
+    def nbd_exports(count: int) -> list[dict[str, object]]:
+        specs = [spec(f"/img/{i}.qcow2") for i in range(count)]
+        steps = plan(specs, Tuning(nbd_socket="/x.sock")).all_steps()
+        return [
+            s.do.args
+            for s in steps
+            if s.do.name == "block-export-add" and s.do.args["type"] == "nbd"
+        ]
+
+    one = nbd_exports(1)
+    assert [e["name"] for e in one] == ["0.qcow2", ""]
+    assert one[0]["node-name"] == one[1]["node-name"] and one[0]["id"] != one[1]["id"]
+    assert one[0]["writable"] == one[1]["writable"]
+    assert [e["name"] for e in nbd_exports(2)] == ["0.qcow2", "1.qcow2"]
+
+
 def test_explain_maps_a_failed_option_to_its_image() -> None:
     from fuse_disk_export.engine.daemon import explain
     from fuse_disk_export.errors import LockedError
