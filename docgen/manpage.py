@@ -155,7 +155,7 @@ SYNOPSIS = r"""
 --doctor [--json] [\fIIMAGE\fR...]
 .br
 .B fuse-disk-export
--h | --help | --version
+-h | --help | -V | --version
 """
 
 SECTIONS = {

@@ -237,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}", help=argparse.SUPPRESS
+        "-V",  # as in qemu-nbd
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help=argparse.SUPPRESS,
     )
     return p
 

@@ -11,7 +11,7 @@ import pytest
 from fuse_disk_export.cli import build_parser
 from tests.helpers.completion import SCRIPTS, check_syntax, complete, complete_fish
 
-HIDDEN = {"-h", "--help", "--version", "--json"}  # named in the usage line or another option's help
+HIDDEN = {"-h", "--help", "-V", "--version", "--json"}  # named in the usage line or another option's help
 
 
 def options() -> list[argparse.Action]:

@@ -113,5 +113,5 @@ complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l json -d 'with -
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l stop -xka "(_fuse_disk_export_live)" -d 'revert the exports on PATH or of PID; wait until done'
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -s v -l verbose -d 'show the plan, the commands run and tracebacks'
 complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -s q -l quiet -d 'print only errors'
-complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -l version -d 'print the version and exit'
+complete -c fuse-disk-export -n _shtab_fuse_disk_export_using -s V -l version -d 'print the version and exit'
 complete -c fuse-disk-export -n '_shtab_fuse_disk_export_using; and test $_shtab_fuse_disk_export_npos -ge 0' -ka "(_fuse_disk_export_images)" -d 'disk images, in any format QEMU reads; each is exported on its own path'
