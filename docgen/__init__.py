@@ -24,7 +24,10 @@ def full_parser() -> argparse.ArgumentParser:
     parser = build_parser()
     for action in parser._actions:
         if action.help == argparse.SUPPRESS:
-            action.help = HIDDEN_HELP[action.dest]
+            # By the long option's name: -n/--nocache shares its dest with --cache.
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            key = longs[0][2:].replace("-", "_") if longs else action.dest
+            action.help = HIDDEN_HELP[key]
     return parser
 
 

@@ -50,6 +50,7 @@ HIDDEN_HELP = {
     "images": "disk images, in any format QEMU reads; each is exported on its own path",
     "fs_type": "with --mount-fs: the filesystem type, when detection cannot tell",
     "json": "with --list or --doctor: print JSON",
+    "nocache": "the same as --cache none (qemu-nbd's -n)",
     "version": "print the version and exit",
 }
 
@@ -72,6 +73,11 @@ class _Help(argparse.RawDescriptionHelpFormatter):
             metavar = str(action.metavar or action.dest.upper())
         dots = " ..." if action.nargs == "+" else ""
         return f"{', '.join(action.option_strings)} {metavar}{dots}"
+
+
+def _discard_mode(value: str) -> str:
+    """qemu-nbd's synonyms: off is ignore, on is unmap."""
+    return {"off": "ignore", "on": "unmap"}.get(value, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--discard",
         choices=DISCARD_MODES,
+        type=_discard_mode,
         default="unmap",
         help="discard/TRIM through the export: unmap (default) frees space",
     )
@@ -190,7 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CACHE_MODES,
         default="writeback",
         metavar="MODE",
-        help="host cache mode, as in qemu-nbd (default writeback)",
+        help="host cache mode, as in qemu-nbd (default writeback; -n: none)",
+    )
+    p.add_argument(
+        "-n",
+        "--nocache",
+        dest="cache",
+        action="store_const",
+        const="none",
+        help=argparse.SUPPRESS,  # qemu-nbd's; named in --cache's help
     )
     p.add_argument(
         "--aio",

@@ -11,7 +11,8 @@ import pytest
 from fuse_disk_export.cli import build_parser
 from tests.helpers.completion import SCRIPTS, check_syntax, complete, complete_fish
 
-HIDDEN = {"-h", "--help", "-V", "--version", "--json"}  # named in the usage line or another option's help
+# Named in the usage line or in another option's help.
+HIDDEN = {"-h", "--help", "-V", "--version", "-n", "--nocache", "--json"}
 
 
 def options() -> list[argparse.Action]:
@@ -83,3 +84,27 @@ def test_fish_completes_options_choices_and_images(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     assert complete_fish("-r", "", cwd=tmp_path) == ["a.qcow2", "b.VMDK", "sub/"]
     assert complete_fish("no", cwd=tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "cache", "discard"),
+    [
+        (["-n", "a.qcow2"], "none", "unmap"),
+        (["--nocache", "a.qcow2"], "none", "unmap"),
+        (["--discard", "off", "a.qcow2"], "writeback", "ignore"),
+        (["--discard=on", "a.qcow2"], "writeback", "unmap"),
+        (["--discard", "ignore", "a.qcow2"], "writeback", "ignore"),
+    ],
+)
+def test_qemu_nbd_spellings_are_understood(argv: list[str], cache: str, discard: str) -> None:
+    """qemu-nbd's -n and --discard off|on mean what they mean there."""
+    from fuse_disk_export.cli import options_from
+
+    options = options_from(build_parser().parse_args(argv))
+    assert (options.cache, options.discard) == (cache, discard)
+
+
+def test_an_unknown_discard_mode_is_still_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--discard", "yes", "a.qcow2"])
+    assert "invalid choice: 'yes'" in capsys.readouterr().err
