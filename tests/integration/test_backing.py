@@ -325,9 +325,7 @@ def test_a_stream_optimized_extent_is_never_written(
     """QEMU cannot write a streamOptimized extent safely, also when a descriptor names it and
     whatever the backing policy: the export is read-only, the extent untouched."""
     extent = tmp_path / "disk-s001.vmdk"
-    qemu_img(
-        "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", str(extent), "16M"
-    )
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", str(extent), "16M")
     vmdk = descriptor(tmp_path / "disk.vmdk", extent.name, "twoGbMaxExtentSparse", "SPARSE")
     before = sha256(extent)
     proc = fde.start_live(f"--backing={backing}", str(vmdk))

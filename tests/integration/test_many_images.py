@@ -80,9 +80,7 @@ SHARDED = 2 * limits.SHARD_SIZE + 1  # three daemons
 
 
 @pytest.mark.slow
-def test_more_images_than_one_daemon_serves_are_one_invocation(
-    fde: Runner, tmp_path: Path
-) -> None:
+def test_more_images_than_one_daemon_serves_are_one_invocation(fde: Runner, tmp_path: Path) -> None:
     """Past `limits.SHARD_SIZE` images, more daemons: one pid file written once all are live,
     one --list entry, and one SIGINT reverts them all."""
     images = _images(tmp_path, SHARDED)
