@@ -14,7 +14,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from fuse_disk_export import choices, engine, logs, notify, pidfile, pidwatch, state, stopsignals
+from fuse_disk_export import (
+    choices,
+    claims,
+    engine,
+    logs,
+    notify,
+    pidfile,
+    pidwatch,
+    state,
+    stopsignals,
+)
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
 from fuse_disk_export.engine.graph import BlockGraph, Tuning
 from fuse_disk_export.engine.process import describe_exit, find_binary
@@ -111,6 +121,9 @@ def live(
         cleanup.callback(_release, pid_files)
         if register:
             cleanup.callback(state.unregister)
+        # Held until every daemon has stopped, and given up before the pid file goes: a script
+        # that waits for it and exports again must not find the path still claimed.
+        cleanup.enter_context(claims.claimed([r.spec.mountpoint for r in request.images]))
         _check(watch)
         since = time.time()
         if request.filesystem is not None:

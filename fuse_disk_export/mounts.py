@@ -163,30 +163,39 @@ def connection_id(entry: MountEntry) -> int | None:
     return int(major) << 20 | int(minor)
 
 
-def fuse_server_pids(entry: MountEntry) -> list[int]:
-    """The processes holding the /dev/fuse connection that serves ``entry``, where we can tell.
+def _fuse_servers() -> Iterator[tuple[int, int]]:
+    """(pid, FUSE connection) for each /dev/fuse descriptor of the processes we can look at.
 
-    Read from /proc/PID/fdinfo (its ``fuse_connection`` line, Linux 6.x); empty when the kernel
-    does not say, when the processes are not ours to look at, or when nobody serves the mount.
+    Read from /proc/PID/fdinfo (its ``fuse_connection`` line, Linux 6.x); nothing where the kernel
+    does not say.
     """
-    wanted = connection_id(entry)
-    if not entry.is_fuse or wanted is None:
-        return []
-    found: list[int] = []
     for pid_dir in os.scandir("/proc"):
         if not pid_dir.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             for fd in os.scandir(f"/proc/{pid_dir.name}/fd"):
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):
                     if os.readlink(fd.path) != "/dev/fuse":
                         continue
                     with open(f"/proc/{pid_dir.name}/fdinfo/{fd.name}", encoding="ascii") as f:
                         for line in f:
                             key, _, value = line.partition(":")
-                            if key == "fuse_connection" and int(value) == wanted:
-                                found.append(int(pid_dir.name))
-    return sorted(set(found))
+                            if key == "fuse_connection":
+                                yield int(pid_dir.name), int(value)
+
+
+def fuse_server_pids(entry: MountEntry) -> list[int]:
+    """The processes holding the /dev/fuse connection that serves ``entry``, where we can tell
+    (`_fuse_servers`): empty also when nobody serves the mount."""
+    wanted = connection_id(entry)
+    if not entry.is_fuse or wanted is None:
+        return []
+    return sorted({pid for pid, connection in _fuse_servers() if connection == wanted})
+
+
+def served_connections() -> set[int]:
+    """The FUSE connections (`connection_id`) that a process we can look at still serves."""
+    return {connection for _, connection in _fuse_servers()}
 
 
 def process_name(pid: int) -> str | None:

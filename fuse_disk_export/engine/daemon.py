@@ -224,14 +224,26 @@ def explain(lines: list[str], graph: BlockGraph) -> FdeError | None:
 
 
 def _detach_new(graph: BlockGraph, before: set[int]) -> list[str]:
-    """Detach the mounts the daemon made (not there before it started); return their paths."""
+    """Detach what the daemon, which has exited, left mounted (not there before it started);
+    return the paths.
+
+    A FUSE mount that some process still serves is not the daemon's: another program mounted it
+    there meanwhile (the application keeps its own invocations apart), and it is left alone.
+    """
     table = mounts.read_mounts()
     detached = []
+    served: set[int] | None = None
     for export in graph.exports:
         entry = mounts.mount_at(export.mountpoint, table)
-        if entry is not None and entry.mount_id not in before:
-            mounts.lazy_unmount(export.mountpoint)
-            detached.append(export.mountpoint)
+        if entry is None or entry.mount_id in before:
+            continue
+        if entry.is_fuse:
+            served = mounts.served_connections() if served is None else served
+            if mounts.connection_id(entry) in served:
+                log.debug("%s: mounted by another process; left alone", export.mountpoint)
+                continue
+        mounts.lazy_unmount(export.mountpoint)
+        detached.append(export.mountpoint)
     return detached
 
 

@@ -16,7 +16,7 @@ from fuse_disk_export.errors import QemuError
 from fuse_disk_export.images import ImageOptions, resolve
 from tests.helpers.checks import assert_all_clean, assert_not_mounted, is_mounted
 from tests.helpers.images import SAMPLE, image_format, make_qcow2
-from tests.helpers.runner import Runner
+from tests.helpers.runner import Processes, Runner
 
 
 @pytest.fixture
@@ -70,3 +70,23 @@ def test_a_daemon_that_dies_while_serving_is_reported_and_detached(
     finally:
         assert engine.stop(daemon) == -signal.SIGKILL
     assert_all_clean(tmp_path)
+
+
+def test_a_mount_another_process_serves_is_left_alone(
+    graph: engine.BlockGraph, hand: Processes, tmp_path: Path
+) -> None:
+    """What a daemon leaves mounted is detached after it exits; a FUSE mount that another
+    process serves on the same path meanwhile is not (it mounted there after the daemon
+    started: a rollback must not take it down)."""
+    from fuse_disk_export.engine.daemon import _detach_new
+
+    (export,) = graph.exports
+    other = make_qcow2(tmp_path / "b.qcow2", "64M")
+    foreign = hand.export_by_hand(other, Path(export.mountpoint))
+    assert _detach_new(graph, set()) == []
+    assert is_mounted(export.mountpoint)
+    foreign.kill()
+    foreign.wait(timeout=10)
+    # Now nobody serves it: a dead mount, which is detached.
+    assert _detach_new(graph, set()) == [export.mountpoint]
+    assert_not_mounted(export.mountpoint)

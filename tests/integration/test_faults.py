@@ -339,6 +339,48 @@ def test_refuses_an_export_of_another_daemon(fde: Runner, hand: Processes, tmp_p
     assert image_format(img) == "qcow2"
 
 
+def test_two_invocations_started_together(fde: Runner, tmp_path: Path) -> None:
+    """Two -d runs on one image at the same moment: one goes live, the other is refused in one
+    line and takes nothing down with it (its rollback used to detach the winner's mount, which
+    then reported live while writes went into the qcow2 file itself)."""
+    img = make_qcow2(tmp_path / "a.qcow2", "64M", (0x5A, "0", "1M"))
+    for attempt in range(5):
+        pid_files = [tmp_path / f"{attempt}-{i}.pid" for i in range(2)]
+        procs = [fde.start("-dp", str(p), str(img)) for p in pid_files]
+        results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in procs]
+        live = [f for f, (status, _) in zip(pid_files, results, strict=True) if status == 0]
+        assert len(live) == 1, results
+        (refusal,) = [err for status, err in results if status != 0]
+        assert str(img) in one_line(refusal), refusal
+        pid = detached_pid(live[0])
+        fde.track_pid(pid)
+        assert [e.mount_point for e in mounts.read_mounts()].count(str(img)) == 1
+        assert image_format(img) == "raw"
+        with open(img, "rb") as f:
+            assert f.read(4096) == b"\x5a" * 4096
+        os.kill(pid, signal.SIGINT)
+        wait_for(lambda f=live[0]: not f.exists(), 30, "the pid file to go")  # type: ignore[misc]
+        assert image_format(img) == "qcow2"
+    qemu_img_check(img)
+    assert_all_clean(tmp_path)
+
+
+def test_a_claimed_path_is_refused_before_anything_starts(
+    fde: Runner, registry: Path, tmp_path: Path
+) -> None:
+    from fuse_disk_export import claims
+
+    img = make_qcow2(tmp_path / "a.qcow2", "64M", (0x5A, "0", "1M"))
+    with claims.claimed([str(img)]):
+        result = fde.run(str(img))
+        assert result.returncode == 1
+        assert "another fuse-disk-export is setting up or reverting" in one_line(result.stderr)
+        assert image_format(img) == "qcow2"
+    # Let go: the path is free again at once.
+    fde.revert(fde.start_live(str(img)))
+    assert_all_clean(tmp_path)
+
+
 def test_refuses_a_dead_fuse_mount(fde: Runner, hand: Processes, tmp_path: Path) -> None:
     img = make_qcow2(tmp_path / "a.qcow2", "64M", (0x5A, "0", "1M"))
     other = hand.export_by_hand(img)
