@@ -402,7 +402,8 @@ def resolve(
     why_read_only = _why_read_only(real, fmt, info if probed else None, backing)
     if why_read_only and not read_only and not writes_elsewhere:
         # Not refused: reading is what most users of such images want, and writes then fail
-        # with EROFS instead of reaching QEMU (README "Which images are written").
+        # (EROFS, or EACCES on older QEMUs) before they reach the image (README "Which images
+        # are written").
         log.warning(
             "%s: %s; exporting read-only (-s or --overlay FILE take writes without touching it)",
             real,
@@ -442,6 +443,7 @@ def resolve(
         data_file=data_file,
         slice=slice,
         key_secret=SECRET_ID if encrypted else None,
+        encryption=info.encryption if probed and info.encryption else "luks",
         overlay=overlay,
     )
     return Resolved(spec, info, tuple(layer.path for layer in chain), creates, new_overlay_size)

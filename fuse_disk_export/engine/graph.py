@@ -91,8 +91,10 @@ class ImageSpec(NamedTuple):
     backing: Backing = "safe"
     data_file: str | None = None
     slice: Slice | None = None
-    #: QMP id of the secret object that unlocks the top layer (LUKS, or qcow2 with LUKS).
+    #: QMP id of the secret object that unlocks the top layer (LUKS, or qcow/qcow2 encrypted).
     key_secret: str | None = None
+    #: How a qcow/qcow2 top layer is encrypted ("luks" or "aes"): --blockdev wants it said.
+    encryption: str = "luks"
     #: A qcow2 that takes every write: temporary and empty (``--snapshot``), or the user's
     #: (``--overlay FILE``).  Opened read-only where the export is.
     overlay: str | None = None
@@ -321,7 +323,7 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
             if layer.format == "luks":
                 fmt["key-secret"] = spec.key_secret
             else:
-                fmt["encrypt"] = {"format": "luks", "key-secret": spec.key_secret}
+                fmt["encrypt"] = {"format": spec.encryption, "key-secret": spec.key_secret}
         below = add(fmt)
     assert below is not None, "an image has at least one layer"
     if spec.overlay is not None:

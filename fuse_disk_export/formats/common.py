@@ -31,9 +31,21 @@ class ImageInfo(NamedTuple):
     virtual_size: int | None
     backing_file: str | None = None
     backing_format: str | None = None
-    encrypted: bool = False
+    #: How the data is encrypted: "" (not), "luks", or "aes" (qcow's legacy AES-CBC).
+    encryption: str = ""
     data_file: str | None = None
     read_only: str = ""
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.encryption)
+
+
+#: `ImageInfo.read_only` of an image encrypted with qcow's legacy AES-CBC.
+LEGACY_AES: Final = (
+    "it is encrypted with qcow's legacy AES, which cannot tell a wrong passphrase (a write under "
+    "one would store data that reads back as garbage)"
+)
 
 
 #: `ImageInfo.read_only` of the formats QEMU has no write support for at all.

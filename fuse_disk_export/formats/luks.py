@@ -26,7 +26,7 @@ def parse(src: Source, head: bytes) -> ImageInfo:
     if payload * SECTOR > src.size:
         raise src.past_end("luks payload offset")
     _check_luks1_slots(data, payload, key_bytes)
-    return ImageInfo("luks", src.size - payload * SECTOR, encrypted=True)
+    return ImageInfo("luks", src.size - payload * SECTOR, encryption="luks")
 
 
 def _check_luks1_slots(data: bytes, payload: int, key_bytes: int) -> None:
@@ -61,4 +61,4 @@ def _parse_luks2(src: Source, head: bytes) -> ImageInfo:
         raise ImageError(f"luks2 header size {header_size} is invalid")
     if header_size > src.size:
         raise src.past_end("luks2 header")
-    return ImageInfo("luks", None, encrypted=True)
+    return ImageInfo("luks", None, encryption="luks")

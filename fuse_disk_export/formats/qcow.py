@@ -6,7 +6,14 @@ import struct
 from typing import Final
 
 from fuse_disk_export.errors import ImageError
-from fuse_disk_export.formats.common import NAME_MAX, ImageInfo, Source, sectors_floor, stored_name
+from fuse_disk_export.formats.common import (
+    LEGACY_AES,
+    NAME_MAX,
+    ImageInfo,
+    Source,
+    sectors_floor,
+    stored_name,
+)
 
 _QCOW1: Final = struct.Struct(">4sIQIIQBBHIQ")  # 48 bytes
 
@@ -34,4 +41,10 @@ def parse(src: Source, head: bytes) -> ImageInfo:
         if bsize > NAME_MAX:
             raise ImageError(f"qcow backing file name is too long ({bsize} bytes)")
         backing = stored_name(src.exact(boff, bsize, "qcow backing file name"))
-    return ImageInfo("qcow", sectors_floor(size), backing_file=backing, encrypted=crypt != 0)
+    return ImageInfo(
+        "qcow",
+        sectors_floor(size),
+        backing_file=backing,
+        encryption="aes" if crypt else "",
+        read_only=LEGACY_AES if crypt else "",
+    )

@@ -5,6 +5,7 @@ from typing import Final, NamedTuple
 
 from fuse_disk_export.errors import ImageError
 from fuse_disk_export.formats.common import (
+    LEGACY_AES,
     NAME_MAX,
     ImageInfo,
     Source,
@@ -26,7 +27,10 @@ _QCOW2_INCOMPAT_KNOWN: Final = 0x1F
 _QCOW2_EXT_BACKING_FORMAT: Final = 0xE2792ACA
 _QCOW2_EXT_DATA_FILE: Final = 0x44415441
 _QCOW2_EXT_CRYPTO: Final = 0x0537BE77
+_QCOW2_CRYPT_AES: Final = 1
 _QCOW2_CRYPT_LUKS: Final = 2
+#: `ImageInfo.encryption` by the header's crypt_method (checked to be one of them).
+_ENCRYPTION: Final = {0: "", _QCOW2_CRYPT_AES: "aes", _QCOW2_CRYPT_LUKS: "luks"}
 
 
 class _Qcow2Header(NamedTuple):
@@ -92,11 +96,13 @@ def parse(src: Source, head: bytes) -> ImageInfo:
         sectors_floor(h.size),
         backing_file=backing,
         backing_format=ext.backing_format if backing else None,
-        encrypted=h.crypt_method != 0,
+        encryption=_ENCRYPTION[h.crypt_method],
         data_file=data_file,
         read_only=(
             "it is marked corrupt, and QEMU opens it read-only (qemu-img check -r all repairs it)"
             if h.incompatible & _QCOW2_INCOMPAT_CORRUPT
+            else LEGACY_AES
+            if h.crypt_method == _QCOW2_CRYPT_AES
             else ""
         ),
     )

@@ -146,6 +146,30 @@ def test_luks(fde: Runner, tmp_path: Path, fmt: str, options: list[str]) -> None
     _luks_io(fmt, img, "read -P 0x5f 2M 4k")
 
 
+def test_legacy_aes_qcow2_is_read_with_its_passphrase_and_never_written(
+    fde: Runner, tmp_path: Path
+) -> None:
+    """qcow2's old AES-CBC: QEMU opens it given the format (not LUKS), and cannot tell a wrong
+    passphrase, so a write under one would store garbage: exported read-only, with a note."""
+    img = tmp_path / "old.qcow2"
+    _make_luks(img, "-f", "qcow2", "-o", "encrypt.format=aes,encrypt.key-secret=sec0")
+    _luks_io("qcow2", img, "write -P 0x7e 1M 64k")
+    before = sha256(img)
+    good = tmp_path / "pass"
+    good.write_text("correct horse\n")
+    proc = fde.start_live("--passphrase-file", str(good), str(img))
+    with open(img, "rb") as f:
+        f.seek(MiB)
+        assert f.read(65536) == b"\x7e" * 65536
+    with pytest.raises(OSError), open(img, "r+b") as f:
+        f.write(b"\x5f" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    err = fde.revert(proc)
+    assert "legacy AES" in err and "read-only" in err, err
+    assert sha256(img) == before
+
+
 def test_secret_stays_out_of_verbose_output(fde: Runner, tmp_path: Path) -> None:
     img = tmp_path / "secret.luks"
     _make_luks(img, "-f", "luks", "-o", "key-secret=sec0,iter-time=10,hash-alg=sha512")

@@ -17,7 +17,7 @@ import pytest
 from fuse_disk_export import detect
 from fuse_disk_export.detect import MAX_PROBE_BYTES, ImageInfo, probe, probe_reader
 from fuse_disk_export.errors import ImageError
-from fuse_disk_export.formats.common import READ_ONLY_DRIVER, Source
+from fuse_disk_export.formats.common import LEGACY_AES, READ_ONLY_DRIVER, Source
 from fuse_disk_export.formats.vmdk import STREAM_OPTIMIZED
 
 MiB = 1024 * 1024
@@ -446,7 +446,7 @@ VALID: dict[str, tuple[Callable[[], bytes], ImageInfo]] = {
         lambda: qcow2(backing=b"base.qcow2", backing_fmt=b"qcow2", data_file=b"data.raw"),
         ImageInfo("qcow2", 64 * MiB, "base.qcow2", "qcow2", data_file="data.raw"),
     ),
-    "qcow2-luks": (lambda: qcow2(crypt=2), ImageInfo("qcow2", 64 * MiB, encrypted=True)),
+    "qcow2-luks": (lambda: qcow2(crypt=2), ImageInfo("qcow2", 64 * MiB, encryption="luks")),
     "qcow": (lambda: qcow(backing=b"base.img"), ImageInfo("qcow", 64 * MiB, "base.img")),
     "qed": (
         lambda: qed(backing=b"base.raw", raw_backing=True),
@@ -457,8 +457,8 @@ VALID: dict[str, tuple[Callable[[], bytes], ImageInfo]] = {
     "vpc": (vpc, ImageInfo("vpc", 964 * 8 * 17 * 512)),
     "vpc-fixed": (vpc_fixed, ImageInfo("vpc", 16 * 4 * 32 * 512)),
     "parallels": (parallels, ImageInfo("parallels", 64 * MiB)),
-    "luks": (luks1, ImageInfo("luks", 64 * KiB, encrypted=True)),
-    "luks2": (luks2, ImageInfo("luks", None, encrypted=True)),
+    "luks": (luks1, ImageInfo("luks", 64 * KiB, encryption="luks")),
+    "luks2": (luks2, ImageInfo("luks", None, encryption="luks")),
     "bochs": (bochs, ImageInfo("bochs", 16 * MiB, read_only=READ_ONLY_DRIVER)),
     "cloop": (cloop, ImageInfo("cloop", 256 * KiB, read_only=READ_ONLY_DRIVER)),
     "dmg": (dmg, ImageInfo("dmg", MiB, read_only=READ_ONLY_DRIVER)),
@@ -543,7 +543,14 @@ def test_qcow2_empty_backing_name_means_none() -> None:
 
 
 def test_qcow_encrypted() -> None:
-    assert run(qcow(crypt=1)).encrypted
+    info = run(qcow(crypt=1))
+    assert info.encrypted and info.encryption == "aes" and info.read_only == LEGACY_AES
+
+
+def test_qcow2_legacy_aes_is_read_only_and_luks_is_not() -> None:
+    aes, luks = run(qcow2(crypt=1)), run(qcow2(crypt=2))
+    assert (aes.encryption, aes.read_only) == ("aes", LEGACY_AES)
+    assert (luks.encryption, luks.read_only) == ("luks", "")
 
 
 def test_qed_backing_without_raw_flag_has_no_format() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, Tuning, plan
 
 
@@ -61,6 +63,14 @@ def test_command_line_renders_every_step_as_an_option_with_json() -> None:
     # NBD exports before the FUSE ones, so that a failure there comes before any mount.
     exports = [v for o, v in zip(options, values, strict=True) if o == "--export"]
     assert [e["type"] for e in exports] == ["nbd", "nbd", "fuse", "fuse"]
+
+
+@pytest.mark.parametrize("encryption", ["luks", "aes"])
+def test_an_encrypted_qcow2_names_its_encryption(encryption: str) -> None:
+    """--blockdev requires encrypt.format, and it must be what the header says."""
+    graph = plan([spec("/img/a.qcow2", key_secret="s0", encryption=encryption)])
+    (fmt,) = [s.do.args for s in graph.all_steps() if s.do.args.get("driver") == "qcow2"]
+    assert fmt["encrypt"] == {"format": encryption, "key-secret": "s0"}
 
 
 def test_a_single_image_is_also_the_default_nbd_export() -> None:
