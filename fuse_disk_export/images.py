@@ -244,6 +244,10 @@ def _check_extents(image: str, backing: Backing) -> str:
             path = os.path.realpath(os.path.join(os.path.dirname(image), ref))
             if not os.path.isfile(path):
                 continue  # a device or nothing: QEMU's to open, not ours to read
+        if path == os.path.realpath(image):
+            # QEMU would fail on its own lock ("locked by another process"), and a write would
+            # land in the descriptor's text.
+            raise ImageError(f"its extent {ref!r} is the descriptor itself", path=image)
         log.info("%s: vmdk extent %r -> %s", image, ref, path)
         try:
             extent = detect.probe(path)

@@ -301,6 +301,15 @@ def test_vmdk_extent_outside_the_folder_is_refused(
         assert_all_clean(tmp_path)
 
 
+@pytest.mark.parametrize("backing", ["safe", "any"])
+def test_a_descriptor_that_is_its_own_extent_is_refused(
+    fde: Runner, tmp_path: Path, backing: str
+) -> None:
+    vmdk = descriptor(tmp_path / "self.vmdk", "self.vmdk")
+    line = refused(fde, f"--backing={backing}", image=vmdk)
+    assert "its extent 'self.vmdk' is the descriptor itself" in line, line
+
+
 @pytest.mark.parametrize(
     "subformat", ["monolithicFlat", "twoGbMaxExtentFlat", "twoGbMaxExtentSparse"]
 )
