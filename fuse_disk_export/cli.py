@@ -351,6 +351,8 @@ def _run(args: argparse.Namespace) -> int:
             return _manage(args)
     if args.json:
         raise UsageError("--json goes with --list or --doctor")
+    if args.log_file == "":
+        raise UsageError("--log-file needs a path (it was given an empty one)")
     if args.log_file and not args.daemonize:
         raise UsageError("--log-file goes with -d (in the foreground, messages go to stderr)")
     options = options_from(args)

@@ -95,6 +95,21 @@ def check(options: Options) -> None:
     """
     if not options.images:
         raise UsageError("no image given (see --help)")
+    if "" in options.images:
+        raise UsageError("an image name is empty")
+    for value, what in (
+        (options.pid_file, "-p/--pid-file"),
+        (options.mountpoint, "-m/--mountpoint"),
+        (options.mountpoint_dir, "--mountpoint-dir"),
+        (options.nbd_socket, "--nbd-socket"),
+        (options.passphrase_file, "--passphrase-file"),
+        (options.mount_fs, "--mount-fs"),
+        (options.overlay, "--overlay"),
+    ):
+        # Say "$UNSET": taken for the option's absence, it would mean something else (no pid
+        # file for a script to wait for; the writes reaching the image instead of an overlay).
+        if value == "":
+            raise UsageError(f"{what} needs a path (it was given an empty one)")
     _one_of(options.cache, CACHE_MODES, "--cache")
     _one_of(options.discard, DISCARD_MODES, "--discard")
     _one_of(options.detect_zeroes, DETECT_ZEROES_MODES, "--detect-zeroes")
@@ -115,9 +130,6 @@ def check(options: Options) -> None:
     if options.snapshot and options.load_snapshot:
         raise UsageError("-l/--load-snapshot exports read-only; it cannot be used with --snapshot")
     if options.overlay is not None:
-        if not options.overlay:
-            # Not taken for "no overlay": the writes would then reach the image itself.
-            raise UsageError("--overlay needs a file name (it was given an empty one)")
         if len(options.images) > 1:
             raise UsageError("--overlay FILE takes one image")
         if options.snapshot or options.load_snapshot:
