@@ -39,7 +39,7 @@ def for_qemu(tuning: Tuning, info: QemuInfo | None, *, iothreads: int | None) ->
     return tuning._replace(
         write_guard=tuning.write_guard and versions.needs_write_guard(multiqueue),
         hole_guard=version is None or versions.punch_hole_may_keep_data(version),
-        vmdk_io_uring=not versions.vmdk_io_uring_may_hang(version),
+        io_uring_short_reads=not versions.io_uring_short_read_may_hang(version),
         iothreads=iothreads,
         multiqueue=multiqueue,
     )

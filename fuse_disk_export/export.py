@@ -26,7 +26,7 @@ from fuse_disk_export import (
     stopsignals,
 )
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
-from fuse_disk_export.engine.graph import BlockGraph, Tuning
+from fuse_disk_export.engine.graph import BlockGraph, Tuning, may_read_short
 from fuse_disk_export.engine.process import describe_exit, find_binary
 from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.images import Resolved
@@ -64,14 +64,15 @@ class ExportRequest(NamedTuple):
     iothreads: int | None = None
 
 
-def _check_vmdk_aio(request: ExportRequest, tuning: Tuning) -> None:
-    if tuning.aio != "io_uring" or tuning.vmdk_io_uring:
+def _check_io_uring(request: ExportRequest, tuning: Tuning) -> None:
+    if tuning.aio != "io_uring" or tuning.io_uring_short_reads:
         return
     for r in request.images:
-        if any(layer.format == "vmdk" for layer in r.spec.layers):
+        if may_read_short(r.spec):
             raise UsageError(
-                "--aio io_uring: this qemu-storage-daemon can hang for good opening vmdk "
-                "extents with it (7.2 and 10.0.2 do; 11.1.3 does not)",
+                "--aio io_uring: this qemu-storage-daemon can hang for good reading the end of a "
+                "file whose size is not a multiple of 512 with it, as a vmdk's descriptor (7.2 "
+                "and 10.0.2 do; 11.1.3 does not)",
                 path=r.spec.image,
             )
 
@@ -142,7 +143,7 @@ def live(
         # combinations are refused before an overlay or a helper process is made.
         info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
         tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
-        _check_vmdk_aio(request, tuning)
+        _check_io_uring(request, tuning)
         specs = [r.spec for r in request.images]
         needs = request.preparations or [ImageExtras()] * len(specs)
         prepared = cleanup.enter_context(prepare_images(specs, needs))

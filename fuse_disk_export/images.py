@@ -261,6 +261,19 @@ def _check_extents(image: str, backing: Backing) -> str:
     return why_read_only
 
 
+def _odd_sized(files: Sequence[str | None]) -> bool:
+    """Whether a file's size is not a multiple of 512 (or cannot be told)."""
+    for file in files:
+        if file is None:
+            continue
+        try:
+            if os.stat(file).st_size % 512:
+                return True
+        except OSError:
+            return True
+    return False
+
+
 def _why_read_only(path: str, fmt: str, info: detect.ImageInfo | None, backing: Backing) -> str:
     """Why ``path`` must not be opened writable, or "": QEMU cannot write it, or cannot safely.
 
@@ -449,6 +462,7 @@ def resolve(
         key_secret=SECRET_ID if encrypted else None,
         encryption=info.encryption if probed and info.encryption else "luks",
         overlay=overlay,
+        odd_sized=_odd_sized([real, *(layer.path for layer in chain), data_file]),
     )
     return Resolved(spec, info, tuple(layer.path for layer in chain), creates, new_overlay_size)
 

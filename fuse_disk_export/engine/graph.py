@@ -100,6 +100,9 @@ class ImageSpec(NamedTuple):
     overlay: str | None = None
     #: Unix socket of a read-only NBD server standing in for ``layers`` (``--load-snapshot``).
     nbd_source: str | None = None
+    #: A file of the image (a layer, its data file) has a size that is not a multiple of 512: a
+    #: read of its end comes back short (`Tuning.io_uring_short_reads`).
+    odd_sized: bool = False
 
 
 class Tuning(NamedTuple):
@@ -119,8 +122,8 @@ class Tuning(NamedTuple):
     write_guard: bool = True
     #: Exports read through io_uring unless ``aio`` says otherwise (`default_aio`).
     io_uring: bool = True
-    #: This QEMU opens a vmdk's extents with io_uring without hanging (`default_aio`).
-    vmdk_io_uring: bool = False
+    #: This QEMU completes an io_uring read cut short by the end of a file (`default_aio`).
+    io_uring_short_reads: bool = False
     #: I/O threads every FUSE export runs in (0: the main loop, QEMU's default).
     iothreads: int = 0
     #: The FUSE export takes a list of iothreads and serves its queue from all of them (one
@@ -235,15 +238,21 @@ def default_aio(spec: ImageSpec, tuning: Tuning) -> str | None:
     """The AIO backend of a spec's files when the user chose none.
 
     io_uring: random reads at QD16 more than double (docs/performance.md).  Not for writable
-    exports the write guard keeps to one request at a time (no gain), and not near a vmdk where
-    QEMU can hang for good opening its extents with it (`Tuning.vmdk_io_uring`).  A QEMU or
-    kernel without io_uring makes the setup fall back to the thread pool.
+    exports the write guard keeps to one request at a time (no gain), and not where a read can
+    come back short (a vmdk's descriptor, a file whose size is not a multiple of 512) on a QEMU
+    that then hangs for good (`Tuning.io_uring_short_reads`).  A QEMU or kernel without io_uring
+    makes the setup fall back to the thread pool.
     """
     if tuning.aio is not None or not tuning.io_uring or (spec.writable and tuning.write_guard):
         return None
-    if not tuning.vmdk_io_uring and any(layer.format == "vmdk" for layer in spec.layers):
+    if not tuning.io_uring_short_reads and may_read_short(spec):
         return None
     return "io_uring"
+
+
+def may_read_short(spec: ImageSpec) -> bool:
+    """Whether reading ``spec`` through QEMU may read past the end of one of its files."""
+    return spec.odd_sized or any(layer.format == "vmdk" for layer in spec.layers)
 
 
 def _format_node(

@@ -31,11 +31,14 @@ QemuVersion = tuple[int, int, int]
 PUNCH_HOLE_WRITES_ZEROES: QemuVersion = (8, 0, 0)
 
 
-#: First release seen opening a vmdk's extents with ``aio=io_uring`` without hanging: 7.2.22 and
-#: 10.0.2 hang before the export is up (for good: the hung daemon ignores SIGTERM), 11.1.3 opens
-#: it (measured, tests/integration/test_access.py).  The upstream change is not known to us, so
-#: every release before the one measured is taken as hanging: the safe side is the thread pool.
-VMDK_IO_URING_OPENS: QemuVersion = (11, 1, 3)
+#: First release seen completing an ``aio=io_uring`` read that the end of a file cuts short, as
+#: in a file whose size is not a multiple of 512: 7.2.22 and 10.0.2 never complete it, and the
+#: reader, the mount and the daemon hang for good (SIGTERM included).  Reading the last bytes of a
+#: raw file of 3458752 bytes does it, and so does opening a vmdk (its text descriptor); 11.1.3
+#: reads both (measured, tests/integration/test_access.py).  The upstream change is not known to
+#: us, so every release before the one measured is taken as hanging: the safe side is the thread
+#: pool.
+IO_URING_SHORT_READS: QemuVersion = (11, 1, 3)
 
 
 def needs_write_guard(multiqueue_fuse: bool) -> bool:
@@ -44,9 +47,9 @@ def needs_write_guard(multiqueue_fuse: bool) -> bool:
     return not multiqueue_fuse
 
 
-def vmdk_io_uring_may_hang(version: QemuVersion | None) -> bool:
-    """Whether opening a vmdk with ``aio=io_uring`` may hang this QEMU (unknown: yes)."""
-    return version is None or version < VMDK_IO_URING_OPENS
+def io_uring_short_read_may_hang(version: QemuVersion | None) -> bool:
+    """Whether a short read through ``aio=io_uring`` may hang this QEMU (unknown: yes)."""
+    return version is None or version < IO_URING_SHORT_READS
 
 
 def punch_hole_may_keep_data(version: QemuVersion) -> bool:

@@ -293,4 +293,16 @@ def test_writable_exports_read_through_io_uring_without_the_guard() -> None:
     assert aio(Tuning()) is None
     assert aio(Tuning(write_guard=False)) == "io_uring"
     vmdk = spec("/i/a.vmdk", layers=(Layer("/i/a.vmdk", "vmdk"),), writable=False)
-    assert plan([vmdk], Tuning(vmdk_io_uring=True)).phases[0][0].do.args["aio"] == "io_uring"
+    assert plan([vmdk], Tuning(io_uring_short_reads=True)).phases[0][0].do.args["aio"] == "io_uring"
+
+
+def test_io_uring_only_where_no_read_can_come_back_short() -> None:
+    """7.2 and 10.0.2 hang on an io_uring read that the end of a file cuts short."""
+    odd = spec("/img/a.raw", layers=(Layer("/img/a.raw", "raw"),), writable=False, odd_sized=True)
+
+    def aio(tuning: Tuning) -> object:
+        return plan([odd], tuning).phases[0][0].do.args.get("aio")
+
+    assert aio(Tuning()) is None
+    assert aio(Tuning(io_uring_short_reads=True)) == "io_uring"
+    assert aio(Tuning(aio="io_uring")) == "io_uring"  # asked for: refused before planning

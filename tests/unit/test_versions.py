@@ -28,11 +28,11 @@ def test_punch_hole_gate() -> None:
     assert not versions.punch_hole_may_keep_data((10, 0, 2))
 
 
-def test_vmdk_io_uring_gate() -> None:
+def test_io_uring_short_reads_gate() -> None:
     # Measured hanging: 7.2.22 and 10.0.2; measured opening: 11.1.3; unknown: the safe side.
     for version in ((7, 2, 22), (10, 0, 2), (11, 0, 0), None):
-        assert versions.vmdk_io_uring_may_hang(version), version
-    assert not versions.vmdk_io_uring_may_hang((11, 1, 3))
+        assert versions.io_uring_short_read_may_hang(version), version
+    assert not versions.io_uring_short_read_may_hang((11, 1, 3))
 
 
 def _monitor(version: tuple[int, int, int], iothread_type: str, alternate: bool) -> list[bytes]:
@@ -64,13 +64,13 @@ def test_schema_probe_tells_multiqueue_fuse_exports() -> None:
 def test_choices_for_an_old_qemu_keep_every_guard() -> None:
     for info in (OLD, None):
         tuning = choices.for_qemu(Tuning(), info, iothreads=None)
-        assert tuning.write_guard and tuning.hole_guard and not tuning.vmdk_io_uring
+        assert tuning.write_guard and tuning.hole_guard and not tuning.io_uring_short_reads
         assert tuning.iothreads == 0 and not tuning.multiqueue
 
 
 def test_choices_for_qemu_11() -> None:
     tuning = choices.for_qemu(Tuning(), NEW, iothreads=None)
-    assert not tuning.write_guard and not tuning.hole_guard and tuning.vmdk_io_uring
+    assert not tuning.write_guard and not tuning.hole_guard and tuning.io_uring_short_reads
     assert tuning.iothreads == choices.DEFAULT_IOTHREADS and tuning.multiqueue
     assert choices.for_qemu(Tuning(), NEW, iothreads=0).iothreads == 0
     # --no-write-guard stays off; the guard is never turned on against the user's word.
