@@ -75,8 +75,9 @@ def _serving_pid(path: str) -> int | None:
     return record.pid if record else None
 
 
-def check_not_mounted(path: str, *, what: str = "") -> None:
-    """Refuse a path that is already a mount point, naming who serves it when we know.
+def check_not_mounted(path: str, *, what: str = "", owner: str | None = None) -> None:
+    """Refuse a path that is already a mount point, naming who serves it when we know; ``owner``,
+    if given, is the file the error names (the image whose backing file ``path`` is).
 
     :raise MountError: ``path`` is a mount point (live or dead).
     """
@@ -90,7 +91,7 @@ def check_not_mounted(path: str, *, what: str = "") -> None:
         raise MountError(
             f"{prefix}is a dead FUSE mount (Transport endpoint is not connected); "
             f"clean it up with: fusermount3 -u -z '{path}'",
-            path=path,
+            path=owner or path,
         )
     pid = _serving_pid(path)
     if pid:
@@ -105,9 +106,9 @@ def check_not_mounted(path: str, *, what: str = "") -> None:
         raise MountError(
             f"{prefix}is already a mount point ({by}) whose server does not answer "
             "(stopped or hung)",
-            path=path,
+            path=owner or path,
         )
-    raise MountError(f"{prefix}is already a mount point: {by}", path=path)
+    raise MountError(f"{prefix}is already a mount point: {by}", path=owner or path)
 
 
 def _regular_file(
@@ -216,7 +217,7 @@ def _file_beside(ref: str, *, owner: str, kind: str) -> str:
             "(--backing=any lets QEMU follow it)",
             path=owner,
         )
-    check_not_mounted(path, what=f"{kind} {ref!r}:")
+    check_not_mounted(path, what=f"{kind} {ref!r}:", owner=owner)
     _regular_file(path, error=BackingError, what=f"{kind} {ref!r}:", owner=owner)
     return path
 
@@ -302,7 +303,7 @@ def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
             raise BackingError(f"backing file {ref!r} makes the chain loop", path=owner)
         seen.add(path)
         what = f"backing file {ref!r}:"
-        check_not_mounted(path, what=what)
+        check_not_mounted(path, what=what, owner=owner)
         _regular_file(path, error=BackingError, what=what, owner=owner)
         below = _probe(path, error=BackingError, what=what, owner=owner)
         fmt = current.backing_format or below.format

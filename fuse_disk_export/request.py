@@ -159,15 +159,32 @@ def _resolve(options: Options) -> list[Resolved]:
     image_options = _image_options(options)
     targets = _mountpoints(options)
     if not any(targets):
-        return resolve_all(options.images, image_options)
-    images = [
-        resolve(i, image_options, mountpoint=m)
-        for i, m in zip(options.images, targets, strict=True)
-    ]
-    seen = [r.spec.mountpoint for r in images]
-    if len(set(seen)) != len(seen):
-        raise UsageError("two images would be exported on the same mount point")
+        images = resolve_all(options.images, image_options)
+    else:
+        images = [
+            resolve(i, image_options, mountpoint=m)
+            for i, m in zip(options.images, targets, strict=True)
+        ]
+        seen = [r.spec.mountpoint for r in images]
+        if len(set(seen)) != len(seen):
+            raise UsageError("two images would be exported on the same mount point")
+    _check_chains(images)
     return images
+
+
+def _check_chains(images: list[Resolved]) -> None:
+    """Refuse a writable export of a file that another image of the invocation reads as its
+    backing file (QEMU would answer "locked by another process": it is its own lock)."""
+    writable = {r.spec.image for r in images if r.spec.writable}
+    for r in images:
+        for path in r.chain:
+            if path in writable:
+                raise UsageError(
+                    f"is the backing file of {r.spec.image}, exported in the same invocation: "
+                    "a write to it would change what that one shows; export it with -r, or on "
+                    "its own",
+                    path=path,
+                )
 
 
 def _describe(disk: Disk) -> str:

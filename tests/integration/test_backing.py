@@ -356,3 +356,34 @@ def test_vmdk_backing_with_an_extent_outside(fde: Runner, tmp_path: Path) -> Non
     assert "vmdk extent '/dev/zero'" in line
     line = refused(fde, "-r", image=top, holder=tmp_path / "base.vmdk")
     assert "vmdk extent '/dev/zero'" in line, line
+
+
+def test_an_image_and_its_backing_file_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
+    """Writable, the backing file is refused in one line (QEMU said "locked by another process",
+    its own lock); read-only, both are exported."""
+    base = make_qcow2(tmp_path / "base.qcow2", "16M", (0x3C, "0", "1M"))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    line = refused(fde, str(top), image=base)
+    assert f"is the backing file of {top}" in line, line
+    proc = fde.start_live("-r", str(top), str(base))
+    for path in (top, base):
+        with open(path, "rb") as f:
+            assert f.read(4096) == b"\x3c" * 4096
+    fde.revert(proc)
+    assert_all_clean(tmp_path)
+
+
+def test_an_exported_backing_file_is_named_by_the_image_that_uses_it(
+    fde: Runner, tmp_path: Path
+) -> None:
+    base = make_qcow2(tmp_path / "base.qcow2", "16M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    proc = fde.start_live("-r", str(base))
+    result = fde.run(str(top))
+    line = one_line(result.stderr)
+    assert line.startswith(f"fuse-disk-export: {top}: backing file 'base.qcow2'"), line
+    assert "already a mount point" in line, line
+    fde.revert(proc)
+    assert_all_clean(tmp_path)
