@@ -383,7 +383,7 @@ def test_an_exported_backing_file_is_named_by_the_image_that_uses_it(
     proc = fde.start_live("-r", str(base))
     result = fde.run(str(top))
     line = one_line(result.stderr)
-    assert line.startswith(f"fuse-disk-export: {top}: backing file 'base.qcow2'"), line
+    assert line.startswith(f"fuse-disk-export: {top}: backing file '{base}'"), line
     assert "already a mount point" in line, line
     fde.revert(proc)
     assert_all_clean(tmp_path)
