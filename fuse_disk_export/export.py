@@ -19,6 +19,7 @@ from fuse_disk_export import (
     claims,
     engine,
     logs,
+    mounts,
     notify,
     pidfile,
     pidwatch,
@@ -287,7 +288,22 @@ def serve(
             if by is driver and now.filesystem is not None:
                 raise _driver_died(now.filesystem)
             log.info("%s received, reverting", why)
+            _warn_in_use(request)
     return 0
+
+
+def _warn_in_use(request: ExportRequest) -> None:
+    """Warn about loop devices left on an export: the revert goes ahead (a stop signal is never
+    refused), but whatever they hold that has not reached the export is lost with it."""
+    in_use = mounts.loop_devices_on(r.spec.mountpoint for r in request.images)
+    for path, loops in in_use.items():
+        log.warning(
+            "%s: still in use by %s at the revert: what it had not written through (a "
+            "filesystem mounted from it: its unflushed cache) is lost, and it fails from now on; "
+            "unmount and detach it first (umount, losetup -d)",
+            path,
+            ", ".join(loops),
+        )
 
 
 def _driver_died(mounted: "Mounted") -> FsError:

@@ -198,6 +198,24 @@ def served_connections() -> set[int]:
     return {connection for _, connection in _fuse_servers()}
 
 
+def loop_devices_on(paths: Iterable[str]) -> dict[str, list[str]]:
+    """The loop devices (``/dev/loopN``) whose backing file is one of ``paths``, by path."""
+    wanted = set(paths)
+    found: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for device in os.scandir("/sys/block"):
+            if not device.name.startswith("loop"):
+                continue
+            try:  # only a bound loop device has it
+                with open(f"{device.path}/loop/backing_file", encoding="utf-8") as f:
+                    backing = f.read().removesuffix("\n")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if backing in wanted:
+                found.setdefault(backing, []).append(f"/dev/{device.name}")
+    return found
+
+
 def process_name(pid: int) -> str | None:
     """The program process ``pid`` runs (base name of its argv[0]), if it still runs."""
     try:

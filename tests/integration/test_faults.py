@@ -372,9 +372,8 @@ def test_a_claimed_path_is_refused_before_anything_starts(
 
     img = make_qcow2(tmp_path / "a.qcow2", "64M", (0x5A, "0", "1M"))
     with claims.claimed([str(img)]):
-        result = fde.run(str(img))
-        assert result.returncode == 1
-        assert "another fuse-disk-export is setting up or reverting" in one_line(result.stderr)
+        line = refused(fde, img)
+        assert "another fuse-disk-export is setting up or reverting" in line, line
         assert image_format(img) == "qcow2"
     # Let go: the path is free again at once.
     fde.revert(fde.start_live(str(img)))
@@ -727,3 +726,21 @@ def test_fio_verified_writes_in_flight(fde: Runner, tmp_path: Path, pattern: lis
         fde.revert(proc)
     assert out.returncode == 0 and "verify:" not in out.stdout + out.stderr, out.stdout + out.stderr
     qemu_img("check", str(img))
+
+
+def test_a_loop_device_left_on_the_export_is_warned_about(fde: Runner, tmp_path: Path) -> None:
+    """The revert goes ahead (a stop signal is never refused), with a warning: the loop device
+    fails from then on, and a filesystem's unflushed cache on it is lost."""
+    require(shutil.which("losetup") is not None, "losetup")
+    img = make_qcow2(tmp_path / "a.qcow2", "16M")
+    proc = fde.start_live(str(img))
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        err = fde.revert(proc)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    assert f"still in use by {loop} at the revert" in err, err
+    assert_all_clean(tmp_path)
+    assert image_format(img) == "qcow2"
