@@ -120,6 +120,11 @@ def live(
         # Registered before the daemon's cleanup, so released after it: a pid file that is gone
         # means everything is reverted (a script waits for exactly that), the registry too.
         pid_files: list[pidfile.PidFile] = []
+        # Reaped last: once they have closed every export and image, the revert is done, and
+        # their exit (milliseconds more) need not hold up the pid file; we still never exit
+        # before them.
+        started: list[engine.Daemon] = []
+        cleanup.callback(engine.reap_all, started)
         cleanup.callback(_release, pid_files)
         if register:
             cleanup.callback(state.unregister)
@@ -190,7 +195,8 @@ def live(
             log.debug("io_uring unavailable (%s); reading through the thread pool", e.reason)
             tuning = tuning._replace(io_uring=False)
             graphs, daemons = start(tuning)
-        cleanup.callback(engine.stop_all, daemons)
+        started += daemons
+        cleanup.callback(engine.stop_all, daemons, reap=False)
         chosen = choices.describe(graphs[0], tuning, info)
         log.info("QEMU %s", ", ".join(f"{k} {v}" for k, v in chosen.items()))
         if len(daemons) > 1:

@@ -10,7 +10,8 @@ Its face is four functions:
     wait until something the caller watches calls it off (a stop signal, the exit of a process
     that must not die), or the daemon dies.
 ``stop``
-    SIGTERM, wait, detach whatever is left: the one way a daemon ends.
+    SIGTERM, wait, detach whatever is left: the one way a daemon ends (`stop_all` may return
+    once every export and image is closed, and `reap_all` waits for the exits).
 
 It imports nothing of the application above it; `fuse_disk_export.errors` and
 `fuse_disk_export.mounts` are the shared utilities it uses.  What must be watched, callers pass
@@ -21,6 +22,7 @@ from fuse_disk_export.engine.daemon import (
     Daemon,
     Exited,
     Watch,
+    reap_all,
     secret_files,
     serve,
     start,
@@ -37,6 +39,7 @@ __all__ = [
     "Tuning",
     "Watch",
     "plan",
+    "reap_all",
     "secret_files",
     "serve",
     "start",

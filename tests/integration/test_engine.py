@@ -14,8 +14,13 @@ import pytest
 from fuse_disk_export import engine
 from fuse_disk_export.errors import QemuError
 from fuse_disk_export.images import ImageOptions, resolve
-from tests.helpers.checks import assert_all_clean, assert_not_mounted, is_mounted
-from tests.helpers.images import SAMPLE, image_format, make_qcow2
+from tests.helpers.checks import (
+    assert_all_clean,
+    assert_not_mounted,
+    daemons_using,
+    is_mounted,
+)
+from tests.helpers.images import SAMPLE, image_format, make_qcow2, qemu_io
 from tests.helpers.runner import Processes, Runner
 
 
@@ -78,15 +83,47 @@ def test_a_mount_another_process_serves_is_left_alone(
     """What a daemon leaves mounted is detached after it exits; a FUSE mount that another
     process serves on the same path meanwhile is not (it mounted there after the daemon
     started: a rollback must not take it down)."""
-    from fuse_disk_export.engine.daemon import _detach_new
+    from fuse_disk_export.engine.daemon import _detach_new, _still_mounted
 
     (export,) = graph.exports
+    assert not _still_mounted(graph)
     other = make_qcow2(tmp_path / "b.qcow2", "64M")
     foreign = hand.export_by_hand(other, Path(export.mountpoint))
     assert _detach_new(graph, set()) == []
-    assert is_mounted(export.mountpoint)
+    assert is_mounted(export.mountpoint) and _still_mounted(graph)
     foreign.kill()
     foreign.wait(timeout=10)
-    # Now nobody serves it: a dead mount, which is detached.
+    # Now nobody serves it: a dead mount (ENOTCONN), which is detached.
+    assert _still_mounted(graph)
     assert _detach_new(graph, set()) == [export.mountpoint]
     assert_not_mounted(export.mountpoint)
+    assert not _still_mounted(graph)
+
+
+def test_a_stop_that_does_not_reap_returns_with_everything_closed(
+    fde: Runner, tmp_path: Path
+) -> None:
+    """`stop_all` without reaping may return before the daemon has exited, but only once it has
+    unmounted every export and flushed and closed every image: what was written through the
+    export is in the image, and a writer may open it at once; `reap_all` then reaps."""
+    img = make_qcow2(tmp_path / "w.qcow2", "64M")
+    graph = engine.plan([resolve(str(img), ImageOptions()).spec], engine.Tuning())
+    daemon = engine.start(graph)
+    try:
+        fd = os.open(img, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\x42" * 65536, 2 << 20)
+        finally:
+            os.close(fd)  # no fsync: the revert flushes
+    finally:
+        engine.stop_all([daemon], reap=False)
+    try:
+        assert_not_mounted(img)
+        assert daemons_using(tmp_path) == []
+        qemu_io("qcow2", img, "read -P 0x42 2M 64k")
+        qemu_io("qcow2", img, "write -P 0x11 0 4k")
+    finally:
+        engine.reap_all([daemon])
+    assert daemon.process.returncode == 0
+    assert engine.stop(daemon) == 0
+    assert_all_clean(tmp_path)
