@@ -19,7 +19,14 @@ from fuse_disk_export import options as opts
 from fuse_disk_export.engine.graph import ImageSpec, Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
 from fuse_disk_export.export import ExportRequest, FsPlan
-from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
+from fuse_disk_export.images import (
+    SECRET_ID,
+    ImageOptions,
+    Resolved,
+    check_not_mounted,
+    resolve,
+    resolve_all,
+)
 from fuse_disk_export.options import Options
 from fuse_disk_export.prepare import ImageExtras
 
@@ -309,6 +316,11 @@ def build_request(
         check_free(pid_file)
     with mounts.one_reading():
         images = _resolve(options)
+    with mounts.one_reading():
+        # Another invocation may have mounted one of them since that reading, and the probe
+        # read its raw view: refused now, before anything is said of what was read.
+        for path in dict.fromkeys(p for r in images for p in (r.spec.image, r.spec.mountpoint)):
+            check_not_mounted(path)
     _note_raw(options, images)
     secrets = _secrets(options, images, ask_passphrase)
     filesystem = None

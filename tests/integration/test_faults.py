@@ -349,11 +349,12 @@ def test_two_invocations_started_together(fde: Runner, tmp_path: Path) -> None:
         procs = [fde.start("-dp", str(p), str(img)) for p in pid_files]
         results = [(p.wait(timeout=60), p.stderr.read() if p.stderr else "") for p in procs]
         live = [f for f, (status, _) in zip(pid_files, results, strict=True) if status == 0]
+        for f in live:  # stopped at the end, whatever fails below
+            fde.track_pid(detached_pid(f))
         assert len(live) == 1, results
         (refusal,) = [err for status, err in results if status != 0]
         assert str(img) in one_line(refusal), refusal
         pid = detached_pid(live[0])
-        fde.track_pid(pid)
         assert [e.mount_point for e in mounts.read_mounts()].count(str(img)) == 1
         assert image_format(img) == "raw"
         with open(img, "rb") as f:
