@@ -293,7 +293,11 @@ def serve(
                     driver.close()
             if by is driver and now.filesystem is not None:
                 raise _driver_died(now.filesystem)
-            log.info("%s received, reverting", why)
+            if isinstance(by, engine.Unmounted):
+                # As nbdfuse after fusermount3 -u: the user ended it; the rest goes with it.
+                log.warning("%s; reverting every export of this invocation", why)
+            else:
+                log.info("%s received, reverting", why)
             _warn_in_use(request)
     return 0
 

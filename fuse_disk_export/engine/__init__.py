@@ -8,7 +8,7 @@ Its face is four functions:
     a daemon with that graph on its command line, returned once every export is mounted.
 ``serve``
     wait until something the caller watches calls it off (a stop signal, the exit of a process
-    that must not die), or the daemon dies.
+    that must not die), an export is unmounted from outside, or the daemon dies.
 ``stop``
     SIGTERM, wait, detach whatever is left: the one way a daemon ends (`stop_all` may return
     once every export and image is closed, and `reap_all` waits for the exits).
@@ -21,6 +21,7 @@ in (`Watch`).
 from fuse_disk_export.engine.daemon import (
     Daemon,
     Exited,
+    Unmounted,
     Watch,
     reap_all,
     secret_files,
@@ -37,6 +38,7 @@ __all__ = [
     "Daemon",
     "Exited",
     "Tuning",
+    "Unmounted",
     "Watch",
     "plan",
     "reap_all",

@@ -12,9 +12,9 @@ start
     option fails, the daemon prints why and exits 1, leaving as dead mounts the exports it had
     already mounted: those are detached, and the error names the image the failed option was for.
 serve
-    Waits for what the caller watches (a stop signal, a ``--mount-fs`` driver's exit) or the
-    daemon's death.  Nothing is sent over QMP; the monitor is never even negotiated, so the daemon
-    sends us no events.
+    Waits for what the caller watches (a stop signal, a ``--mount-fs`` driver's exit), the
+    daemon's death, or an export unmounted from outside (`Unmounted`).  Nothing is sent over
+    QMP; the monitor is never even negotiated, so the daemon sends us no events.
 stop
     SIGTERM makes qemu-storage-daemon do what ``quit`` does: remove every export, then flush and
     close every node, then close its monitor, and exit.  Whatever it leaves mounted is detached.
@@ -99,6 +99,8 @@ class Daemon:
         self._spawned = spawned
         self._pidfd = pidfd
         self._terminated = False
+        #: Each export's mount, by mount ID, as it was when the daemon went live (`Unmounted`).
+        self.mounts: dict[int, str] = {}
 
     @property
     def pid(self) -> int:
@@ -164,11 +166,17 @@ class _Waiter:
 
     def wait(self, timeout: float | None = None) -> set[int]:
         """The descriptors that turned readable (what the daemons wrote is passed on here)."""
-        ready = {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
+        ready = self.poll(timeout)
+        self.pump(ready)
+        return ready
+
+    def poll(self, timeout: float | None = None) -> set[int]:
+        return {fd for fd, _ in self.poller.poll(None if timeout is None else timeout * 1000)}
+
+    def pump(self, ready: set[int]) -> None:
         for stderr in self.stderrs:
             if stderr.fd in ready and not stderr.pump():
                 self.poller.unregister(stderr.fd)
-        return ready
 
     def called_off(self) -> tuple[Watch, str] | None:
         """The first watch that calls the wait off, and why; those with nothing more to say
@@ -376,10 +384,17 @@ def start_all(
         raise
     log.debug("live: %.1f ms after spawn", (time.monotonic() - started) * 1000)
     daemons = []
+    table = mounts.read_mounts()
     for one in starting:
         one.spawned.stderr.release()
         assert one.greeting is not None
-        daemons.append(Daemon(one.spawned, one.pidfd, one.graph, _version(one.greeting)))
+        daemon = Daemon(one.spawned, one.pidfd, one.graph, _version(one.greeting))
+        daemon.mounts = {
+            entry.mount_id: x.mountpoint
+            for x in one.graph.exports
+            if (entry := mounts.mount_at(x.mountpoint, table)) is not None
+        }
+        daemons.append(daemon)
     if stopped is not None:
         stop_all(daemons)
         raise Interrupted(stopped)
@@ -403,28 +418,71 @@ def _died(spawned: Spawned, graph: BlockGraph, before: set[int], stopped: str | 
     return error
 
 
+class Unmounted:
+    """A `Watch` on the daemons' exports in the mount table: called off once one of them has
+    left it, unmounted by someone else (``umount``, ``fusermount3 -u``).  The daemon does not
+    notice: it then spins on its FUSE device for good (every QEMU, 7.2 to 11.1 measured), and
+    from 10.0 on writes "Failed to read from FUSE device" to stderr at each turn."""
+
+    def __init__(self, daemons: Sequence[Daemon]) -> None:
+        self._daemons = daemons
+        # The table's descriptor turns POLLPRI at each of its changes (not POLLIN: always set).
+        self._fd = os.open(mounts.MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def fileno(self) -> int:
+        return self._fd
+
+    def reason(self) -> str | None:
+        present = {entry.mount_id for entry in mounts.read_mounts()}
+        gone = [p for d in self._daemons for i, p in d.mounts.items() if i not in present]
+        if not gone:
+            return None
+        for daemon in self._daemons:
+            daemon._spawned.stderr.unmounted(gone)
+        return f"{', '.join(gone)} unmounted from outside"
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def serve(*daemons: Daemon, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
-    """Serve until a watch calls it off; return that watch and its reason.  The daemons are
-    still running: `stop_all` them.
+    """Serve until a watch calls it off, or an export is unmounted from outside (`Unmounted`);
+    return that watch and its reason.  The daemons are still running: `stop_all` them.
 
     :raise QemuError: a daemon died while serving (its mounts have been detached; the others
         still run).
     """
     waiter = _Waiter(daemons, watch)
-    while True:
-        called = waiter.called_off()
-        if called is not None:
-            return called
-        ready = waiter.wait()
-        for daemon in daemons:
-            if daemon._pidfd in ready:
-                status = daemon.process.wait()
-                left = _detach_new(daemon.graph, set())
-                log.debug("detached the dead mounts on %s", ", ".join(left))
-                raise QemuError(
-                    f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while "
-                    f"serving; unmounted {', '.join(daemon.mountpoints)}"
-                )
+    exports = Unmounted(daemons)
+    try:
+        waiter.poller.register(exports.fileno, select.POLLPRI)
+        # Unmounted between live and now: the table has changed since, but not since `exports`.
+        if (why := exports.reason()) is not None:
+            return exports, why
+        while True:
+            called = waiter.called_off()
+            if called is not None:
+                return called
+            ready = waiter.poll()
+            # Before their stderr: what a daemon says once its export is gone is expected.
+            if exports.fileno in ready and (why := exports.reason()) is not None:
+                waiter.pump(ready)
+                return exports, why
+            waiter.pump(ready)
+            for daemon in daemons:
+                if daemon._pidfd in ready:
+                    status = daemon.process.wait()
+                    left = _detach_new(daemon.graph, set())
+                    log.debug("detached the dead mounts on %s", ", ".join(left))
+                    raise QemuError(
+                        f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while "
+                        f"serving; unmounted {', '.join(daemon.mountpoints)}"
+                    )
+    finally:
+        exports.close()
 
 
 def stop_all(daemons: Sequence[Daemon], *, reap: bool = True) -> None:

@@ -79,6 +79,12 @@ def describe_exit(status: int) -> str:
     return f"exited with status {status}"
 
 
+#: How often a line of the daemon's that repeats itself is passed on after its first time: a
+#: daemon whose export was unmounted from outside writes the same line at each turn of a busy
+#: loop (QEMU 11.1: 95,000 lines a second), and a log file would take them all.
+MAX_REPEATS = 2
+
+
 class StderrTap:
     """qemu-storage-daemon's stderr: passed on, line by line, to where it would have gone (our
     stderr: the terminal, or a ``-d`` daemon's log), with its latest lines kept, so that an error
@@ -95,6 +101,10 @@ class StderrTap:
         #: Until `release`, lines are held back: if the setup fails, what the daemon said is in
         #: the one-line error instead (and in the debug log), not printed twice.
         self._held: list[bytes] | None = []
+        # A line that comes again and again is passed on only `MAX_REPEATS` times more.
+        self._last: bytes | None = None
+        self._repeats = 0
+        self._gone: tuple[bytes, ...] = ()
 
     def release(self) -> None:
         """Pass on what was held back, and everything from now on."""
@@ -113,25 +123,62 @@ class StderrTap:
             except OSError:
                 data = b""
             if not data:
-                self._take(self._partial + b"\n" if self._partial else b"")
+                self._take(self._partial + b"\n" if self._partial else b"", end=True)
                 self._partial = b""
                 return False
             self._take(self._partial + data)
         return False
 
-    def _take(self, data: bytes) -> None:
+    def unmounted(self, paths: Sequence[str]) -> None:
+        """``paths`` were unmounted from outside: what the daemon then says is expected, and
+        is not passed on: its reads failing ("Failed to read from FUSE device: No such
+        device", 10.0 and later), and its own unmount ("fuse: failed to unmount ...", "umount:
+        ...: not mounted")."""
+        self._gone = tuple(os.fsencode(p) for p in paths)
+
+    def _expected(self, line: bytes) -> bool:
+        if not self._gone:
+            return False
+        if b"Failed to read from FUSE device" in line:
+            return True
+        return any(p in line for p in self._gone) and (b"unmount" in line or b"not mounted" in line)
+
+    def _take(self, data: bytes, *, end: bool = False) -> None:
         *lines, self._partial = data.split(b"\n")
-        if not lines:
+        out = []
+        for line in lines:
+            self._lines.append(line.decode(errors="replace").strip())
+            self.count += 1
+            if self._expected(line):
+                log.debug("qemu-storage-daemon said: %s", line.decode(errors="replace"))
+                continue
+            if line == self._last:
+                self._repeats += 1
+                if self._repeats > MAX_REPEATS:
+                    continue
+            else:
+                out.append(self._repeated())
+                self._last, self._repeats = line, 0
+            out.append(line + b"\n")
+        if end:  # say how often the last line came
+            out.append(self._repeated())
+        self._write(b"".join(out))
+
+    def _repeated(self) -> bytes:
+        """The note on lines left out since the last one passed on (none: empty)."""
+        if self._repeats <= MAX_REPEATS:
+            return b""
+        left_out, self._repeats = self._repeats - MAX_REPEATS, MAX_REPEATS
+        return f"qemu-storage-daemon: (the line above came {left_out} more times)\n".encode()
+
+    def _write(self, data: bytes) -> None:
+        if not data:
             return
-        data = b"".join(line + b"\n" for line in lines)
         if self._held is not None:
             self._held.append(data)
         else:
             with contextlib.suppress(OSError):
                 os.write(self.forward, data)
-        for line in lines:
-            self._lines.append(line.decode(errors="replace").strip())
-            self.count += 1
 
     def since(self, mark: int) -> list[str]:
         """The non-empty lines written since `count` was ``mark`` (the latest few of them)."""

@@ -127,6 +127,31 @@ def test_daemon_killed_while_serving_detached(fde: Runner, tmp_path: Path) -> No
     qemu_img_check(img)
 
 
+@pytest.mark.parametrize("how", ["umount", "fusermount3 -u -z"])
+def test_export_unmounted_from_outside(fde: Runner, tmp_path: Path, how: str) -> None:
+    """``umount`` on an export (one of two): the daemon does not notice, and used to spin on
+    its FUSE device for good (10.0 and 11.1 writing a line to stderr at each turn, 95,000 a
+    second); now the tool reverts every export of the invocation, says so in one line, and
+    exits 0, as nbdfuse does after fusermount3 -u."""
+    images = [make_qcow2(tmp_path / f"{n}.qcow2", "64M", (0x5A, "0", "1M")) for n in "ab"]
+    pid_file = tmp_path / "fde.pid"
+    proc = fde.start_live("-p", str(pid_file), *map(str, images))
+    fde.track_pid(wait_daemon_child(proc.pid))
+    fill(images[0], 0x42, 2 * MiB, 64 * 1024)
+    subprocess.run([*how.split(), str(images[0])], check=True)
+    status = proc.wait(timeout=PROMPT)
+    assert proc.stderr is not None
+    line = one_line(proc.stderr.read())
+    assert status == 0, line
+    assert f"{images[0]} unmounted from outside" in line, line
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    for img in images:
+        assert image_format(img) == "qcow2"
+        qemu_io("qcow2", img, "read -P 0x5a 0 1M")
+        qemu_img_check(img)
+    qemu_io("qcow2", images[0], "read -P 0x42 2M 64k")
+
+
 # --------------------------------------------------------------------------------------------
 # 2. The tool itself is killed with SIGKILL
 
