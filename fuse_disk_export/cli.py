@@ -359,7 +359,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_partitions:
         return _print_tables(options)
 
-    from fuse_disk_export.export import serve
+    from fuse_disk_export.lifecycle import serve
     from fuse_disk_export.request import build_request
 
     request = build_request(options, ask_passphrase=_ask_passphrase)

@@ -18,8 +18,8 @@ from fuse_disk_export import mounts
 from fuse_disk_export import options as opts
 from fuse_disk_export.engine.graph import ImageSpec, Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
-from fuse_disk_export.export import ExportRequest, FsPlan
 from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
+from fuse_disk_export.lifecycle import ExportRequest, FsPlan
 from fuse_disk_export.options import Options
 from fuse_disk_export.prepare import ImageExtras
 

@@ -135,7 +135,7 @@ def test_stop_gives_up_at_the_deadline(caplog: pytest.LogCaptureFixture) -> None
 def test_the_path_to_live_imports_neither_psutil_nor_rich() -> None:
     code = (
         "import sys\n"
-        "import fuse_disk_export.cli, fuse_disk_export.export, fuse_disk_export.request\n"
+        "import fuse_disk_export.cli, fuse_disk_export.lifecycle, fuse_disk_export.request\n"
         "import fuse_disk_export.logs, fuse_disk_export.notify, fuse_disk_export.state\n"
         "print(sorted(m for m in ('psutil', 'rich') if m in sys.modules))\n"
     )
