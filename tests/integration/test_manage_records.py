@@ -15,7 +15,7 @@ import pytest
 from fuse_disk_export import manage, state
 from tests.helpers.records import record
 
-pytestmark = pytest.mark.usefixtures("registry")
+pytestmark = pytest.mark.usefixtures("registry_dir")
 
 
 @pytest.fixture

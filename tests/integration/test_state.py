@@ -14,7 +14,7 @@ from fuse_disk_export import state
 from tests.helpers.records import record
 from tests.helpers.runner import wait_for
 
-pytestmark = pytest.mark.usefixtures("registry")
+pytestmark = pytest.mark.usefixtures("registry_dir")
 
 
 def test_start_time_agrees_with_psutil() -> None:
@@ -24,9 +24,9 @@ def test_start_time_agrees_with_psutil() -> None:
     assert state.process_start_time(2**22 + 1) is None
 
 
-def test_register_then_list_then_unregister(registry: Path) -> None:
+def test_register_then_list_then_unregister(registry_dir: Path) -> None:
     state.register([record(os.getpid(), "/images/a.qcow2"), record(os.getpid(), "/images/b.vmdk")])
-    assert (registry / f"{os.getpid()}.json").stat().st_mode & 0o777 == 0o600
+    assert (registry_dir / f"{os.getpid()}.json").stat().st_mode & 0o777 == 0o600
     listed = state.live_records()
     assert [r.mountpoint for r in listed] == ["/images/a.qcow2", "/images/b.vmdk"]
     assert all(r.started == state.process_start_time(os.getpid()) for r in listed)
@@ -36,7 +36,7 @@ def test_register_then_list_then_unregister(registry: Path) -> None:
     assert state.live_records() == []
 
 
-def test_dead_and_zombie_processes_are_dropped(registry: Path) -> None:
+def test_dead_and_zombie_processes_are_dropped(registry_dir: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     zombie = subprocess.Popen(["true"])  # not waited for until the end: a zombie meanwhile
@@ -45,31 +45,31 @@ def test_dead_and_zombie_processes_are_dropped(registry: Path) -> None:
         for pid in (dead.pid, zombie.pid):
             state.register([record(pid, f"/images/{pid}.qcow2", started=None)])
         assert state.live_records() == []
-        assert list(registry.glob("*.json")) == []
+        assert list(registry_dir.glob("*.json")) == []
     finally:
         zombie.wait()
 
 
-def test_a_reused_pid_is_not_taken_for_ours(registry: Path) -> None:
+def test_a_reused_pid_is_not_taken_for_ours(registry_dir: Path) -> None:
     mine = state.process_start_time(os.getpid())
     assert mine is not None
     state.register([record(os.getpid(), started=mine - 3600)])
     assert state.live_records() == []
-    assert not (registry / f"{os.getpid()}.json").exists()
+    assert not (registry_dir / f"{os.getpid()}.json").exists()
 
 
-def test_records_from_older_versions_still_load(registry: Path) -> None:
-    registry.mkdir(parents=True)
+def test_records_from_older_versions_still_load(registry_dir: Path) -> None:
+    registry_dir.mkdir(parents=True)
     raw = {
         k: v for k, v in record(os.getpid())._asdict().items() if k not in ("started", "warnings")
     }
-    (registry / f"{os.getpid()}.json").write_text(json.dumps([raw]))
+    (registry_dir / f"{os.getpid()}.json").write_text(json.dumps([raw]))
     assert state.live_records() == [record(os.getpid())._replace(started=None)]
 
 
-def test_unreadable_entries_are_left_alone(registry: Path) -> None:
-    registry.mkdir(parents=True)
-    (registry / "12345.json").write_text("not json")
-    (registry / "notes.json").write_text("[]")
+def test_unreadable_entries_are_left_alone(registry_dir: Path) -> None:
+    registry_dir.mkdir(parents=True)
+    (registry_dir / "12345.json").write_text("not json")
+    (registry_dir / "notes.json").write_text("[]")
     assert state.live_records() == []
-    assert (registry / "12345.json").exists()
+    assert (registry_dir / "12345.json").exists()
