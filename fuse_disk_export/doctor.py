@@ -13,12 +13,13 @@ import stat
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import choices, filesystems, mounts, state
+from fuse_disk_export import choices, filesystems, mounts
 from fuse_disk_export.engine import limits, qemuinfo, versions
 from fuse_disk_export.engine.graph import AllowOther, ImageSpec, Layer, Tuning, default_aio
 from fuse_disk_export.errors import FdeError
 from fuse_disk_export.images import ImageOptions
 from fuse_disk_export.preflight import FUSE_DEVICE
+from fuse_disk_export.registry import registry_dir
 
 FUSE_CONF = "/etc/fuse.conf"
 
@@ -250,7 +251,7 @@ def mount_fs_drivers() -> Check:
 
 def registry() -> Check:
     """The runtime registry that --list and --stop read: writable where it is, or can be made."""
-    where = state.registry_dir()
+    where = registry_dir()
     existing = where
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

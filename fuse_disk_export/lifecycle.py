@@ -23,7 +23,7 @@ from fuse_disk_export import (
     notify,
     pidfile,
     pidwatch,
-    state,
+    registry,
     stopsignals,
 )
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
@@ -127,7 +127,7 @@ def live(
         cleanup.callback(engine.reap_all, started)
         cleanup.callback(_release, pid_files)
         if register:
-            cleanup.callback(state.unregister)
+            cleanup.callback(registry.unregister)
         # Held until every daemon has stopped, and given up before the pid file goes: a script
         # that waits for it and exports again must not find the path still claimed.
         cleanup.enter_context(claims.claimed([r.spec.mountpoint for r in request.images]))
@@ -147,7 +147,7 @@ def live(
         # Planned for the QEMU that will answer (the plan goes on its command line); unknown
         # counts as old: a guard costs speed where it is not needed, never data.  Refused
         # combinations are refused before an overlay or a helper process is made.
-        info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
+        info = qemuinfo.of(binary, os.path.join(registry.registry_dir(), qemuinfo.CACHE))
         tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
         _check_io_uring(request, tuning)
         specs = [r.spec for r in request.images]
@@ -224,9 +224,9 @@ def live(
             pid_files.append(pidfile.PidFile(request.pid_file))
         if register:
             serving = {m: d.pid for d in daemons for m in d.mountpoints}
-            state.register(
+            registry.register(
                 [
-                    state.ExportRecord(
+                    registry.ExportRecord(
                         image=r.spec.image,
                         format=r.spec.layers[0].format,
                         virtual_size=r.info.virtual_size,

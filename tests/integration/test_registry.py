@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from fuse_disk_export import state
+from fuse_disk_export import registry
 from tests.helpers.records import record
 from tests.helpers.runner import wait_for
 
@@ -18,22 +18,24 @@ pytestmark = pytest.mark.usefixtures("registry_dir")
 
 
 def test_start_time_agrees_with_psutil() -> None:
-    mine = state.process_start_time(os.getpid())
+    mine = registry.process_start_time(os.getpid())
     assert mine is not None
     assert abs(mine - psutil.Process().create_time()) < 0.05
-    assert state.process_start_time(2**22 + 1) is None
+    assert registry.process_start_time(2**22 + 1) is None
 
 
 def test_register_then_list_then_unregister(registry_dir: Path) -> None:
-    state.register([record(os.getpid(), "/images/a.qcow2"), record(os.getpid(), "/images/b.vmdk")])
+    registry.register(
+        [record(os.getpid(), "/images/a.qcow2"), record(os.getpid(), "/images/b.vmdk")]
+    )
     assert (registry_dir / f"{os.getpid()}.json").stat().st_mode & 0o777 == 0o600
-    listed = state.live_records()
+    listed = registry.live_records()
     assert [r.mountpoint for r in listed] == ["/images/a.qcow2", "/images/b.vmdk"]
-    assert all(r.started == state.process_start_time(os.getpid()) for r in listed)
-    found = state.find_by_mountpoint("/images/b.vmdk")
+    assert all(r.started == registry.process_start_time(os.getpid()) for r in listed)
+    found = registry.find_by_mountpoint("/images/b.vmdk")
     assert found is not None and found.pid == os.getpid()
-    state.unregister()
-    assert state.live_records() == []
+    registry.unregister()
+    assert registry.live_records() == []
 
 
 def test_dead_and_zombie_processes_are_dropped(registry_dir: Path) -> None:
@@ -43,18 +45,18 @@ def test_dead_and_zombie_processes_are_dropped(registry_dir: Path) -> None:
     try:
         wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
         for pid in (dead.pid, zombie.pid):
-            state.register([record(pid, f"/images/{pid}.qcow2", started=None)])
-        assert state.live_records() == []
+            registry.register([record(pid, f"/images/{pid}.qcow2", started=None)])
+        assert registry.live_records() == []
         assert list(registry_dir.glob("*.json")) == []
     finally:
         zombie.wait()
 
 
 def test_a_reused_pid_is_not_taken_for_ours(registry_dir: Path) -> None:
-    mine = state.process_start_time(os.getpid())
+    mine = registry.process_start_time(os.getpid())
     assert mine is not None
-    state.register([record(os.getpid(), started=mine - 3600)])
-    assert state.live_records() == []
+    registry.register([record(os.getpid(), started=mine - 3600)])
+    assert registry.live_records() == []
     assert not (registry_dir / f"{os.getpid()}.json").exists()
 
 
@@ -64,12 +66,12 @@ def test_records_from_older_versions_still_load(registry_dir: Path) -> None:
         k: v for k, v in record(os.getpid())._asdict().items() if k not in ("started", "warnings")
     }
     (registry_dir / f"{os.getpid()}.json").write_text(json.dumps([raw]))
-    assert state.live_records() == [record(os.getpid())._replace(started=None)]
+    assert registry.live_records() == [record(os.getpid())._replace(started=None)]
 
 
 def test_unreadable_entries_are_left_alone(registry_dir: Path) -> None:
     registry_dir.mkdir(parents=True)
     (registry_dir / "12345.json").write_text("not json")
     (registry_dir / "notes.json").write_text("[]")
-    assert state.live_records() == []
+    assert registry.live_records() == []
     assert (registry_dir / "12345.json").exists()
