@@ -374,7 +374,7 @@ def _run(args: argparse.Namespace) -> int:
 
         exit_now(serve(request, on_live=ready))
 
-    from fuse_disk_export.daemonize import Reporter, run_detached
+    from fuse_disk_export.background import Reporter, run_detached
 
     log_file = logs.open_log_file(args.log_file) if args.log_file else None
 

@@ -43,7 +43,7 @@ def test_the_path_to_live_leaves_out_what_it_does_not_use() -> None:
     code = (
         "import sys\n"
         "import fuse_disk_export.cli, fuse_disk_export.lifecycle, fuse_disk_export.request\n"
-        "import fuse_disk_export.daemonize\n"
+        "import fuse_disk_export.background\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
     loaded = set(
