@@ -1,9 +1,9 @@
 """One invocation, end to end: resolved images -> graph -> live daemon -> serve -> revert.
 
-The command line (or the Python API) builds an `ExportRequest`; this module decides nothing about
-QEMU (the engine's graph does) and starts no process itself (the engine does): it wires the
-engine to the outside world — stop signals, the pid file, the runtime registry, systemd, a
-``--mount-fs`` driver — and reports live through a callback.
+The command line (or the Python API) builds an `ExportRequest` (`request`); this module decides
+nothing about QEMU (the engine's graph does) and starts no process itself (the engine does): it
+wires the engine to the outside world — stop signals, the pid file, the runtime registry, systemd,
+a ``--mount-fs`` driver — and reports live through a callback.
 """
 
 import contextlib
@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from fuse_disk_export import (
@@ -30,39 +30,13 @@ from fuse_disk_export.engine import limits, qemuinfo, writeguard
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, may_read_short
 from fuse_disk_export.engine.process import describe_exit, find_binary
 from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
-from fuse_disk_export.images import Resolved
 from fuse_disk_export.prepare import ImageExtras, prepare_images
+from fuse_disk_export.request import ExportRequest
 
 if TYPE_CHECKING:
     from fuse_disk_export.fsmount import Mounted
 
 log = logging.getLogger(__name__)
-
-
-class FsPlan(NamedTuple):
-    """Where and how ``--mount-fs`` mounts the filesystem of the export."""
-
-    directory: str
-    fs: str
-    read_only: bool
-    #: The private folder of the export's file, removed on revert.
-    private_dir: str
-
-
-class ExportRequest(NamedTuple):
-    """Everything one invocation exports, already resolved to absolute paths."""
-
-    images: Sequence[Resolved]
-    tuning: Tuning = Tuning()
-    pid_file: str | None = None
-    #: Per image: overlay and snapshot server to prepare (empty: none for any image).
-    preparations: Sequence[ImageExtras] = ()
-    #: Secret objects to create, id -> passphrase (they reach QEMU through pipes).
-    secrets: Mapping[str, str] | None = None
-    #: ``--mount-fs``: the filesystem to mount over the (one) export, which is on a private file.
-    filesystem: FsPlan | None = None
-    #: I/O threads of every FUSE export; None: the default for the QEMU that answers.
-    iothreads: int | None = None
 
 
 def _check_io_uring(request: ExportRequest, tuning: Tuning) -> None:

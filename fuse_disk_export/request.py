@@ -6,20 +6,17 @@ Nothing here prints or prompts: a passphrase that must be asked for is asked thr
 ``ask_passphrase`` callback of the caller (the command line's prompt).
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from fuse_disk_export import mounts
 from fuse_disk_export import options as opts
 from fuse_disk_export.engine.graph import ImageSpec, Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
 from fuse_disk_export.images import SECRET_ID, ImageOptions, Resolved, resolve, resolve_all
-from fuse_disk_export.lifecycle import ExportRequest, FsPlan
 from fuse_disk_export.options import Options
 from fuse_disk_export.prepare import ImageExtras
 
@@ -30,6 +27,32 @@ log = logging.getLogger(__name__)
 
 #: Asks for the passphrase of the images named; None when nobody can be asked.
 AskPassphrase = Callable[[Sequence[str]], str]
+
+
+class FsPlan(NamedTuple):
+    """Where and how ``--mount-fs`` mounts the filesystem of the export."""
+
+    directory: str
+    fs: str
+    read_only: bool
+    #: The private folder of the export's file, removed on revert.
+    private_dir: str
+
+
+class ExportRequest(NamedTuple):
+    """Everything one invocation exports, already resolved to absolute paths."""
+
+    images: Sequence[Resolved]
+    tuning: Tuning = Tuning()
+    pid_file: str | None = None
+    #: Per image: overlay and snapshot server to prepare (empty: none for any image).
+    preparations: Sequence[ImageExtras] = ()
+    #: Secret objects to create, id -> passphrase (they reach QEMU through pipes).
+    secrets: Mapping[str, str] | None = None
+    #: ``--mount-fs``: the filesystem to mount over the (one) export, which is on a private file.
+    filesystem: FsPlan | None = None
+    #: I/O threads of every FUSE export; None: the default for the QEMU that answers.
+    iothreads: int | None = None
 
 
 def _tuning(options: Options) -> Tuning:
@@ -187,14 +210,14 @@ def _check_chains(images: list[Resolved]) -> None:
                 )
 
 
-def _describe(disk: Disk) -> str:
+def _describe(disk: "Disk") -> str:
     return ", ".join(
         f"{p.number}: {disk.filesystems.get(p.number) or 'nothing recognised'}"
         for p in disk.table.partitions
     )
 
 
-def _choose(options: Options, image: str, disk: Disk) -> tuple[int | None, str]:
+def _choose(options: Options, image: str, disk: "Disk") -> tuple[int | None, str]:
     """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts.
 
     Every refusal says what was found and what to try.
@@ -329,7 +352,7 @@ def build_request(
 
 def partition_tables(
     options: Options, *, ask_passphrase: AskPassphrase | None = None
-) -> list[tuple[str, Disk]]:
+) -> list[tuple[str, "Disk"]]:
     """Each image's partition table and what its partitions (or the whole disk) hold
     (``--list-partitions``); nothing is exported."""
     from fuse_disk_export.table_reader import read_disks
