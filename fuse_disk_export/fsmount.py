@@ -152,7 +152,7 @@ def mounted(
 ) -> Iterator[Mounted]:
     """``fs``'s driver serving ``source`` at ``directory`` for the duration of the block.
 
-    :param pass_fds: descriptors the driver holds (the pid file watcher's: `pidwatch`).
+    :param pass_fds: descriptors the driver holds (the pid file watcher's: `pidfile.watcher`).
 
     :raise FsError: the driver could not mount it (its own reason is in the message).
     :raise RequirementError: the driver is not installed.

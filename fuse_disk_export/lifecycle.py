@@ -22,7 +22,6 @@ from fuse_disk_export import (
     mounts,
     notify,
     pidfile,
-    pidwatch,
     registry,
     stopsignals,
 )
@@ -129,7 +128,7 @@ def live(
         prepared = cleanup.enter_context(prepare_images(specs, needs))
         # Given to every daemon (and a --mount-fs driver) too: the watcher removes the pid file
         # only once they have all gone as well.
-        watcher = pidwatch.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
+        watcher = pidfile.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
         held = [watcher] if watcher is not None else []
         size = limits.SHARD_SIZE
         shards = [prepared.specs[i : i + size] for i in range(0, len(prepared.specs), size)]
