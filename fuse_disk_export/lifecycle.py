@@ -33,7 +33,7 @@ from fuse_disk_export.prepare import ImageExtras, prepare_images
 from fuse_disk_export.request import ExportRequest
 
 if TYPE_CHECKING:
-    from fuse_disk_export.fsmount import Mounted
+    from fuse_disk_export.mountfs.mount import Mounted
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +179,12 @@ def live(
             writeguard.protect(daemon.graph, daemon.version)
         mounted = None
         if request.filesystem is not None:
-            from fuse_disk_export import fsmount  # --mount-fs only
+            from fuse_disk_export.mountfs import mount  # --mount-fs only
 
             plan_fs = request.filesystem
             # Entered after the daemon's cleanup: unmounted before the export goes.
             mounted = cleanup.enter_context(
-                fsmount.mounted(
+                mount.mounted(
                     request.images[0].spec.mountpoint,
                     plan_fs.directory,
                     plan_fs.fs,

@@ -283,13 +283,13 @@ def _with_filesystem(
     filesystem."""
     import tempfile
 
-    from fuse_disk_export import fsmount
     from fuse_disk_export.filesystems import DRIVERS
+    from fuse_disk_export.mountfs import mount
     from fuse_disk_export.table_reader import partition_slice, read_disks
 
     assert options.mount_fs is not None
     directory = os.path.abspath(options.mount_fs)
-    fsmount.check_directory(directory)
+    mount.check_directory(directory)
     (r,) = images
     (disk,) = read_disks([_as_made(r)], secrets)
     number, fs = _choose(options, r.spec.image, disk)
@@ -300,7 +300,7 @@ def _with_filesystem(
             f"{driver.program} ({fs}) does not write safely: export it read-only (-r)",
             path=r.spec.image,
         )
-    fsmount.find_driver(fs)
+    mount.find_driver(fs)
     table_slice = partition_slice(disk.table, number, r.spec.image) if number is not None else None
     # The image is resolved already: only where it is exported changes, to a file of our own.
     private = tempfile.mkdtemp(prefix="fuse-disk-export-fs-")

@@ -62,6 +62,6 @@ def test_the_path_to_live_leaves_out_what_it_does_not_use() -> None:
         "pathlib",
         "fuse_disk_export.partitions",
         "fuse_disk_export.table_reader",
-        "fuse_disk_export.fsmount",
+        "fuse_disk_export.mountfs",
     }
     assert loaded & unwanted == set()

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuse_disk_export import filesystems, fsmount
+from fuse_disk_export import filesystems
 from fuse_disk_export.errors import RequirementError
 from fuse_disk_export.filesystems import MAX_PROBE_BYTES, identify
+from fuse_disk_export.mountfs import mount
 
 PROBE_BYTES = 40 * 1024
 
@@ -100,11 +101,11 @@ def test_mutated_superblocks_are_safe(at: int, patch: bytes) -> None:
 
 
 def test_a_missing_driver_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fsmount.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mount.shutil, "which", lambda name: None)
     with pytest.raises(RequirementError, match=r"fuse2fs not found.*Debian package fuse2fs"):
-        fsmount.find_driver("ext")
+        mount.find_driver("ext")
     with pytest.raises(RequirementError, match="Debian package ntfs-3g"):
-        fsmount.find_driver("ntfs")
+        mount.find_driver("ntfs")
 
 
 def test_every_driver_is_a_known_fs_type() -> None:

@@ -1,0 +1,9 @@
+"""``--mount-fs DIR``: the filesystem inside the exported image, mounted at DIR by a userspace FUSE
+driver, so that a hostile filesystem is parsed by an unprivileged process, not by the kernel.
+
+- `mount`: the driver, run as our child once the export is live, and unmounted before the export
+  is reverted (`lifecycle`).
+
+A plain export loads none of this: each module is imported where it is used, and this file
+imports nothing.
+"""
