@@ -222,7 +222,7 @@ def _choose(options: Options, image: str, disk: "Disk") -> tuple[int | None, str
 
     Every refusal says what was found and what to try.
     """
-    from fuse_disk_export.filesystems import DRIVERS, FAMILIES, FS_TYPES
+    from fuse_disk_export.mountfs.drivers import DRIVERS, FAMILIES, FS_TYPES
 
     forced = FS_TYPES[options.fs_type] if options.fs_type else None
     types = ", ".join(sorted(FS_TYPES))
@@ -283,8 +283,8 @@ def _with_filesystem(
     filesystem."""
     import tempfile
 
-    from fuse_disk_export.filesystems import DRIVERS
     from fuse_disk_export.mountfs import mount
+    from fuse_disk_export.mountfs.drivers import DRIVERS
     from fuse_disk_export.table_reader import partition_slice, read_disks
 
     assert options.mount_fs is not None

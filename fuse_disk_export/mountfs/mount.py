@@ -20,7 +20,7 @@ from typing import NamedTuple
 from fuse_disk_export import mounts
 from fuse_disk_export.engine.process import StderrTap, start_child
 from fuse_disk_export.errors import FsError, MountError, RequirementError
-from fuse_disk_export.filesystems import DRIVERS, Driver
+from fuse_disk_export.mountfs.drivers import DRIVERS, Driver
 
 log = logging.getLogger(__name__)
 
