@@ -70,6 +70,12 @@ class Resolved(NamedTuple):
     new_overlay_size: int | None = None
 
 
+def as_made(r: Resolved) -> ImageSpec:
+    """The spec whose disk a partition table is read from: an ``--overlay`` not made yet holds
+    nothing, and cannot be opened."""
+    return r.spec._replace(overlay=None) if r.new_overlay_size is not None else r.spec
+
+
 def _serving_pid(path: str) -> int | None:
     record = registry.find_by_mountpoint(path)
     return record.pid if record else None
