@@ -27,8 +27,8 @@ from fuse_disk_export import (
 )
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, may_read_short
-from fuse_disk_export.engine.process import describe_exit, find_binary
-from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
+from fuse_disk_export.engine.process import find_binary
+from fuse_disk_export.errors import Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.prepare import ImageExtras, prepare_images
 from fuse_disk_export.request import ExportRequest
 
@@ -265,7 +265,9 @@ def serve(
                 if driver:
                     driver.close()
             if by is driver and now.filesystem is not None:
-                raise _driver_died(now.filesystem)
+                from fuse_disk_export.mountfs import mount  # --mount-fs only
+
+                raise mount.driver_died(now.filesystem)
             log.info("%s received, reverting", why)
             _warn_in_use(request)
     return 0
@@ -283,18 +285,6 @@ def _warn_in_use(request: ExportRequest) -> None:
             path,
             ", ".join(loops),
         )
-
-
-def _driver_died(mounted: "Mounted") -> FsError:
-    status = mounted.process.wait()
-    said = mounted.stderr.since(0)
-    why = f": {said[-1]}" if said else ""
-    return FsError(
-        f"{mounted.driver.program} (pid {mounted.process.pid}) "
-        f"{describe_exit(status)} while serving{why}; detached it, and reverted "
-        "the export",
-        path=mounted.directory,
-    )
 
 
 def _release(pid_files: list[pidfile.PidFile]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from fuse_disk_export import mounts
-from fuse_disk_export.engine.process import StderrTap, start_child
+from fuse_disk_export.engine.process import StderrTap, describe_exit, start_child
 from fuse_disk_export.errors import FsError, MountError, RequirementError
 from fuse_disk_export.mountfs.drivers import DRIVERS, Driver
 
@@ -172,3 +172,16 @@ def mounted(
         yield here
     finally:
         unmount(here)
+
+
+def driver_died(mounted: Mounted) -> FsError:
+    """The error of a driver that exited while serving: the caller reverts the export under it."""
+    status = mounted.process.wait()
+    said = mounted.stderr.since(0)
+    why = f": {said[-1]}" if said else ""
+    return FsError(
+        f"{mounted.driver.program} (pid {mounted.process.pid}) "
+        f"{describe_exit(status)} while serving{why}; detached it, and reverted "
+        "the export",
+        path=mounted.directory,
+    )
