@@ -218,10 +218,13 @@ def bench_breakdown(ctx: Ctx) -> dict[str, dict[str, list[float]]]:
 _IMPORT_LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)")
 
 # What a -dp run imports beyond --version: everything the probe pre-imports, plus python-daemon.
+# The older names (export, daemonize) are for --tree on a checkout from before they were renamed;
+# a module a tree does not have is skipped.
 FULL_IMPORTS = (
     "import importlib\n"
     "for m in ('fuse_disk_export.cli', 'fuse_disk_export.request', 'fuse_disk_export.images',\n"
-    "          'fuse_disk_export.export', 'fuse_disk_export.engine.daemon',\n"
+    "          'fuse_disk_export.lifecycle', 'fuse_disk_export.export',\n"
+    "          'fuse_disk_export.engine.daemon', 'fuse_disk_export.background',\n"
     "          'fuse_disk_export.daemonize', 'daemon'):\n"
     "    try:\n"
     "        importlib.import_module(m)\n"

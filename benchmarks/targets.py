@@ -194,14 +194,14 @@ def start_qsd_safe(ctx: Ctx, images: Sequence[str], pid_file: str) -> Live:
     (on QEMU before 8.0, the punched-hole guard's two nodes per image) on the command line, with
     ``--daemonize``; then, as a careful user must, the guard applied (a flush of every export
     arms it, and max_background=1 on every FUSE connection), which counts towards live."""
-    from fuse_disk_export import choices, cli, state
+    from fuse_disk_export import choices, cli, registry
     from fuse_disk_export.engine import qemuinfo, writeguard
     from fuse_disk_export.engine.graph import plan
     from fuse_disk_export.engine.process import find_binary
     from fuse_disk_export.request import build_request
 
     binary = find_binary()
-    info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
+    info = qemuinfo.of(binary, os.path.join(registry.registry_dir(), qemuinfo.CACHE))
     version = info.version if info is not None else None
     options = cli.options_from(cli.build_parser().parse_args(list(images)))
     request = build_request(options, ask_passphrase=None)

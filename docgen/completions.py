@@ -13,8 +13,8 @@ from pathlib import Path
 import shtab
 
 from docgen import full_parser
-from fuse_disk_export.filesystems import FS_TYPES
 from fuse_disk_export.images import PROBED_FORMATS
+from fuse_disk_export.mountfs.drivers import FS_TYPES
 
 PROG = "fuse-disk-export"
 #: The same tool under the name of the QEMU blog post's script.

@@ -72,7 +72,7 @@ def _options(
 
 @contextlib.contextmanager
 def _exported(options: Options) -> Iterator[list[Path]]:
-    from fuse_disk_export.export import live
+    from fuse_disk_export.lifecycle import live
     from fuse_disk_export.request import build_request
 
     request = build_request(options)

@@ -7,7 +7,7 @@ while it reports live, and writes meant for the raw view land in the image file 
 mount point is claimed before anything is made or started, and the claim is held until the revert
 is done: the second invocation is refused before it touches anything.
 
-A claim is a write lock on one byte of a file in the registry's folder (`state.registry_dir`), at
+A claim is a write lock on one byte of a file in the registry's folder (`registry.registry_dir`), at
 an offset computed from the path: an open-file-description lock, so that one descriptor holds the
 claims of thousands of images, and the kernel drops them however we exit, SIGKILL included.  The
 file is never removed (it holds no data), so no claim can be taken on a file nobody else sees.
@@ -20,7 +20,7 @@ import struct
 import zlib
 from collections.abc import Iterator, Sequence
 
-from fuse_disk_export import state
+from fuse_disk_export import registry
 from fuse_disk_export.errors import MountError
 
 # struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t), padding.
@@ -41,7 +41,7 @@ def _lock(fd: int, kind: int, offset: int) -> None:
 
 def _refusal(path: str) -> MountError:
     # The registry names the holder once it is live; before, it is setting up or reverting.
-    record = state.find_by_mountpoint(path)
+    record = registry.find_by_mountpoint(path)
     if record is not None:
         return MountError(f"already exported by fuse-disk-export pid {record.pid}", path=path)
     return MountError(
@@ -55,7 +55,7 @@ def claimed(paths: Sequence[str]) -> Iterator[None]:
 
     :raise MountError: another fuse-disk-export holds one of them (none is held then).
     """
-    directory = state.registry_dir()
+    directory = registry.registry_dir()
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd = os.open(
         os.path.join(directory, _CLAIMS),

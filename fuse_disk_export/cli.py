@@ -359,7 +359,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_partitions:
         return _print_tables(options)
 
-    from fuse_disk_export.export import serve
+    from fuse_disk_export.lifecycle import serve
     from fuse_disk_export.request import build_request
 
     request = build_request(options, ask_passphrase=_ask_passphrase)
@@ -374,7 +374,7 @@ def _run(args: argparse.Namespace) -> int:
 
         exit_now(serve(request, on_live=ready))
 
-    from fuse_disk_export.daemonize import Reporter, run_detached
+    from fuse_disk_export.background import Reporter, run_detached
 
     log_file = logs.open_log_file(args.log_file) if args.log_file else None
 

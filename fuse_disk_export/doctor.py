@@ -13,12 +13,14 @@ import stat
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import choices, filesystems, mounts, state
+from fuse_disk_export import choices, mounts
 from fuse_disk_export.engine import limits, qemuinfo, versions
 from fuse_disk_export.engine.graph import AllowOther, ImageSpec, Layer, Tuning, default_aio
 from fuse_disk_export.errors import FdeError
 from fuse_disk_export.images import ImageOptions
+from fuse_disk_export.mountfs.drivers import DRIVERS
 from fuse_disk_export.preflight import FUSE_DEVICE
+from fuse_disk_export.registry import registry_dir
 
 FUSE_CONF = "/etc/fuse.conf"
 
@@ -230,9 +232,9 @@ def fusectl(info: qemuinfo.QemuInfo | None, *, root: bool) -> Check:
 
 def mount_fs_drivers() -> Check:
     """The userspace filesystem drivers --mount-fs runs."""
-    found = {d.fs: shutil.which(d.program) for d in filesystems.DRIVERS.values()}
-    have = [f"{d.program} ({d.fs})" for d in filesystems.DRIVERS.values() if found[d.fs]]
-    missing = [d for d in filesystems.DRIVERS.values() if not found[d.fs]]
+    found = {d.fs: shutil.which(d.program) for d in DRIVERS.values()}
+    have = [f"{d.program} ({d.fs})" for d in DRIVERS.values() if found[d.fs]]
+    missing = [d for d in DRIVERS.values() if not found[d.fs]]
     facts: dict[str, object] = {fs: path for fs, path in found.items()}
     detail = ", ".join(have) or "none"
     if not missing:
@@ -250,7 +252,7 @@ def mount_fs_drivers() -> Check:
 
 def registry() -> Check:
     """The runtime registry that --list and --stop read: writable where it is, or can be made."""
-    where = state.registry_dir()
+    where = registry_dir()
     existing = where
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -14,7 +14,6 @@ record (a USB stick formatted whole) ends in 55 AA too.
 import struct
 import zlib
 from collections.abc import Callable
-from typing import NamedTuple
 
 from fuse_disk_export.bounded import BoundedReader, ReadFailed, ReadRefused
 
@@ -23,63 +22,6 @@ MAX_PROBE_BYTES = 64 * 1024
 
 #: Reads ``length`` bytes at ``offset`` (fewer at the end of the device).
 Read = Callable[[int, int], bytes]
-
-
-class Driver(NamedTuple):
-    """A userspace FUSE driver for one kind of filesystem."""
-
-    fs: str
-    program: str
-    package: str
-    #: Whether it writes safely (fuse2fs and ntfs-3g do; the others are read-only drivers, or
-    #: write only experimentally).
-    writes: bool
-    #: Options that keep it in the foreground, so that it stays our child.
-    foreground: tuple[str, ...]
-
-
-DRIVERS: dict[str, Driver] = {
-    "ext": Driver("ext", "fuse2fs", "fuse2fs", True, ("-f",)),
-    "ntfs": Driver("ntfs", "ntfs-3g", "ntfs-3g", True, ("-o", "no_detach")),
-    # fusefat writes only with "-o rw+", which its author calls experimental.
-    "vfat": Driver("vfat", "fusefat", "fusefat", False, ("-f",)),
-    "iso9660": Driver("iso9660", "fuseiso", "fuseiso", False, ("-n", "-f")),
-    "squashfs": Driver("squashfs", "squashfuse", "squashfuse", False, ("-f",)),
-}
-
-#: Names a user may give with --fs-type, and what they mean.
-FS_TYPES = {
-    "ext2": "ext",
-    "ext3": "ext",
-    "ext4": "ext",
-    "ext": "ext",
-    "ntfs": "ntfs",
-    "vfat": "vfat",
-    "fat": "vfat",
-    "iso9660": "iso9660",
-    "squashfs": "squashfs",
-}
-
-#: What `identify` can name (libblkid's TYPE), and the driver family each belongs to (None: no
-#: driver of ours serves it).
-FAMILIES: dict[str, str | None] = {
-    "vfat": "vfat",
-    "ntfs": "ntfs",
-    "exfat": None,
-    "ext2": "ext",
-    "ext3": "ext",
-    "ext4": "ext",
-    "ext4dev": "ext",
-    "jbd": None,
-    "btrfs": None,
-    "xfs": None,
-    "iso9660": "iso9660",
-    "squashfs": "squashfs",
-    "squashfs3": None,
-    "swap": None,
-    "crypto_LUKS": None,
-    "LVM2_member": None,
-}
 
 
 class _Device:
@@ -368,7 +310,7 @@ def _btrfs(device: _Device) -> bool:
 def identify(read: Read, size: int) -> str | None:
     """What ``blkid -p`` would name the content at the start of a ``size``-byte device that
     ``read`` reads (its TYPE: ``"vfat"``, ``"ext4"``, ``"crypto_LUKS"``, ... — the keys of
-    `FAMILIES`), or None.
+    `mountfs.drivers.FAMILIES`), or None.
 
     Reads at most `MAX_PROBE_BYTES`, never past ``size``.
 
@@ -402,12 +344,3 @@ def identify(read: Read, size: int) -> str | None:
     if _swap(device):
         return "swap"
     return None
-
-
-def probe(read: Read, size: int) -> str | None:
-    """The driver family (a key of `DRIVERS`, or a name none of them serves such as "btrfs")
-    of what `identify` finds, or None."""
-    found = identify(read, size)
-    if found is None:
-        return None
-    return FAMILIES[found] or found

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from fuse_disk_export import detect, mounts, state
+from fuse_disk_export import detect, mounts, registry
 from fuse_disk_export.engine.graph import Backing, ImageSpec, Layer, Slice
 from fuse_disk_export.errors import BackingError, ImageError, MountError, UsageError
 from fuse_disk_export.formats.common import READ_ONLY_DRIVER
@@ -70,8 +70,14 @@ class Resolved(NamedTuple):
     new_overlay_size: int | None = None
 
 
+def as_made(r: Resolved) -> ImageSpec:
+    """The spec whose disk a partition table is read from: an ``--overlay`` not made yet holds
+    nothing, and cannot be opened."""
+    return r.spec._replace(overlay=None) if r.new_overlay_size is not None else r.spec
+
+
 def _serving_pid(path: str) -> int | None:
-    record = state.find_by_mountpoint(path)
+    record = registry.find_by_mountpoint(path)
     return record.pid if record else None
 
 

@@ -1,6 +1,6 @@
 """``--list`` and ``--stop``: the live exports of this machine, from the runtime registry.
 
-Only processes found in our registry (`fuse_disk_export.state`) are ever signalled, and only
+Only processes found in our registry (`fuse_disk_export.registry`) are ever signalled, and only
 through a pidfd opened before checking that the pid is still the process that registered, so a
 recycled pid is never hit.  This module imports psutil and rich; nothing on the path to live
 imports it.
@@ -20,10 +20,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from fuse_disk_export import mounts, state
+from fuse_disk_export import mounts, registry
 from fuse_disk_export.columns import plain_columns
 from fuse_disk_export.errors import FdeError, MountError
-from fuse_disk_export.state import ExportRecord
+from fuse_disk_export.registry import ExportRecord
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def format_plain(records: Sequence[ExportRecord]) -> str:
 def list_exports(*, as_json: bool = False, out: TextIO | None = None) -> int:
     """Print every live export: a table on a terminal, plain columns otherwise, or JSON."""
     out = out or sys.stdout
-    records = state.live_records()
+    records = registry.live_records()
     if not records and not as_json:
         print("no live exports", file=sys.stderr)
         return 0
@@ -183,7 +183,7 @@ def _signal(stop: _Stop) -> bool:
     except ProcessLookupError:
         return False
     # Checked after opening the pidfd: from here on the fd names this very process.
-    if state.is_running(stop.pid, stop.started):
+    if registry.is_running(stop.pid, stop.started):
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(stop.pidfd, signal.SIGINT)
             return True
@@ -216,7 +216,7 @@ def stop(targets: Sequence[str], *, timeout: float = STOP_TIMEOUT, quiet: bool =
     and lazily unmounts a dead FUSE mount left by a crash.  Returns 0 when every target was
     handled, else 1 (each failure is logged as one line).
     """
-    records = state.live_records()
+    records = registry.live_records()
     stops: dict[int, _Stop] = {}
     status = 0
     for target in targets:

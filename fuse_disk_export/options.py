@@ -141,7 +141,7 @@ def check(options: Options) -> None:
     if options.fs_type is not None and options.mount_fs is None:
         raise UsageError("--fs-type goes with --mount-fs")
     if options.mount_fs is not None:
-        from fuse_disk_export.filesystems import FS_TYPES
+        from fuse_disk_export.mountfs.drivers import FS_TYPES
 
         if len(options.images) > 1:
             raise UsageError("--mount-fs takes one image")

@@ -6,23 +6,21 @@ Nothing here prints or prompts: a passphrase that must be asked for is asked thr
 ``ask_passphrase`` callback of the caller (the command line's prompt).
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from fuse_disk_export import mounts
 from fuse_disk_export import options as opts
-from fuse_disk_export.engine.graph import ImageSpec, Tuning
+from fuse_disk_export.engine.graph import Tuning
 from fuse_disk_export.errors import ImageError, MountError, UsageError
-from fuse_disk_export.export import ExportRequest, FsPlan
 from fuse_disk_export.images import (
     SECRET_ID,
     ImageOptions,
     Resolved,
+    as_made,
     check_not_mounted,
     resolve,
     resolve_all,
@@ -30,13 +28,30 @@ from fuse_disk_export.images import (
 from fuse_disk_export.options import Options
 from fuse_disk_export.prepare import ImageExtras
 
-if TYPE_CHECKING:  # partitions and table_reader load only with -P, --mount-fs or --list-partitions
+if TYPE_CHECKING:  # mountfs, partitions, table_reader: only -P, --mount-fs, --list-partitions
+    from fuse_disk_export.mountfs.plan import FsPlan
     from fuse_disk_export.table_reader import Disk
 
 log = logging.getLogger(__name__)
 
 #: Asks for the passphrase of the images named; None when nobody can be asked.
 AskPassphrase = Callable[[Sequence[str]], str]
+
+
+class ExportRequest(NamedTuple):
+    """Everything one invocation exports, already resolved to absolute paths."""
+
+    images: Sequence[Resolved]
+    tuning: Tuning = Tuning()
+    pid_file: str | None = None
+    #: Per image: overlay and snapshot server to prepare (empty: none for any image).
+    preparations: Sequence[ImageExtras] = ()
+    #: Secret objects to create, id -> passphrase (they reach QEMU through pipes).
+    secrets: Mapping[str, str] | None = None
+    #: ``--mount-fs``: the filesystem to mount over the (one) export, which is on a private file.
+    filesystem: "FsPlan | None" = None
+    #: I/O threads of every FUSE export; None: the default for the QEMU that answers.
+    iothreads: int | None = None
 
 
 def _tuning(options: Options) -> Tuning:
@@ -132,18 +147,12 @@ def _preparations(options: Options, images: list[Resolved]) -> list[ImageExtras]
     return needs
 
 
-def _as_made(r: Resolved) -> ImageSpec:
-    """The spec whose disk a partition table is read from: an ``--overlay`` not made yet holds
-    nothing, and cannot be opened."""
-    return r.spec._replace(overlay=None) if r.new_overlay_size is not None else r.spec
-
-
 def _with_partitions(
     images: list[Resolved], number: int, secrets: dict[str, str]
 ) -> list[Resolved]:
     from fuse_disk_export.table_reader import partition_slice, read_tables
 
-    tables = read_tables([_as_made(r) for r in images], secrets)
+    tables = read_tables([as_made(r) for r in images], secrets)
     return [
         r._replace(spec=r.spec._replace(slice=partition_slice(t, number, r.spec.image)))
         for r, t in zip(images, tables, strict=True)
@@ -194,105 +203,6 @@ def _check_chains(images: list[Resolved]) -> None:
                 )
 
 
-def _describe(disk: Disk) -> str:
-    return ", ".join(
-        f"{p.number}: {disk.filesystems.get(p.number) or 'nothing recognised'}"
-        for p in disk.table.partitions
-    )
-
-
-def _choose(options: Options, image: str, disk: Disk) -> tuple[int | None, str]:
-    """The partition (None: the whole disk) and the filesystem ``--mount-fs`` mounts.
-
-    Every refusal says what was found and what to try.
-    """
-    from fuse_disk_export.filesystems import DRIVERS, FAMILIES, FS_TYPES
-
-    forced = FS_TYPES[options.fs_type] if options.fs_type else None
-    types = ", ".join(sorted(FS_TYPES))
-    if options.partition is not None:
-        disk.table.get(options.partition)  # PartitionError, listing those there are
-        number: int | None = options.partition
-        found = disk.filesystems.get(options.partition)
-    elif not disk.table.partitions:
-        number, found = None, disk.whole
-    else:
-        with_fs = [n for n, fs in disk.filesystems.items() if fs is not None]
-        if len(with_fs) == 1:
-            number = with_fs[0]
-            found = disk.filesystems[number]
-        elif with_fs:
-            raise UsageError(
-                f"{len(with_fs)} partitions hold a filesystem ({_describe(disk)}); "
-                "choose one with -P N",
-                path=image,
-            )
-        elif forced is None:
-            raise ImageError(
-                f"no partition holds a filesystem we recognise ({_describe(disk)}); "
-                f"choose one with -P N and give its type with --fs-type ({types})",
-                path=image,
-            )
-        else:
-            raise UsageError(
-                f"no partition holds a filesystem we recognise ({_describe(disk)}); "
-                f"choose the one that holds {options.fs_type} with -P N",
-                path=image,
-            )
-    fs = forced or (FAMILIES[found] if found else None)
-    if number is not None:
-        where = f"partition {number}"
-    elif disk.table.scheme == "none":
-        where = "the disk (no partition table)"
-    else:
-        where = f"the disk (an {disk.table.scheme.upper()} with no partitions)"
-    if fs is None and found is None:
-        raise ImageError(
-            f"no filesystem recognised on {where}; give --fs-type ({types}) to try a driver anyway",
-            path=image,
-        )
-    if fs is None or fs not in DRIVERS:
-        raise UsageError(
-            f"{where} holds {found}, which none of our userspace drivers serves "
-            f"(they serve: {', '.join(sorted(DRIVERS))}); export it without --mount-fs",
-            path=image,
-        )
-    return number, fs
-
-
-def _with_filesystem(
-    options: Options, images: list[Resolved], secrets: dict[str, str]
-) -> tuple[list[Resolved], FsPlan]:
-    """``--mount-fs``: the partition to export on a private file, and how to mount its
-    filesystem."""
-    import tempfile
-
-    from fuse_disk_export import fsmount
-    from fuse_disk_export.filesystems import DRIVERS
-    from fuse_disk_export.table_reader import partition_slice, read_disks
-
-    assert options.mount_fs is not None
-    directory = os.path.abspath(options.mount_fs)
-    fsmount.check_directory(directory)
-    (r,) = images
-    (disk,) = read_disks([_as_made(r)], secrets)
-    number, fs = _choose(options, r.spec.image, disk)
-    read_only = not r.spec.writable
-    driver = DRIVERS[fs]
-    if not read_only and not driver.writes:
-        raise UsageError(
-            f"{driver.program} ({fs}) does not write safely: export it read-only (-r)",
-            path=r.spec.image,
-        )
-    fsmount.find_driver(fs)
-    table_slice = partition_slice(disk.table, number, r.spec.image) if number is not None else None
-    # The image is resolved already: only where it is exported changes, to a file of our own.
-    private = tempfile.mkdtemp(prefix="fuse-disk-export-fs-")
-    spec = r.spec._replace(mountpoint=os.path.join(private, "disk.raw"), slice=table_slice)
-    view = r._replace(spec=spec, creates_mountpoint=True)
-    return [view], FsPlan(directory, fs, read_only, private)
-
-
 def _preflight() -> None:
     from fuse_disk_export import preflight
 
@@ -325,7 +235,9 @@ def build_request(
     secrets = _secrets(options, images, ask_passphrase)
     filesystem = None
     if options.mount_fs is not None:
-        images, filesystem = _with_filesystem(options, images, secrets)
+        from fuse_disk_export.mountfs import plan  # --mount-fs only
+
+        images, filesystem = plan.with_filesystem(options, images, secrets)
     elif options.partition is not None:
         images = _with_partitions(images, options.partition, secrets)
     return ExportRequest(
@@ -341,7 +253,7 @@ def build_request(
 
 def partition_tables(
     options: Options, *, ask_passphrase: AskPassphrase | None = None
-) -> list[tuple[str, Disk]]:
+) -> list[tuple[str, "Disk"]]:
     """Each image's partition table and what its partitions (or the whole disk) hold
     (``--list-partitions``); nothing is exported."""
     from fuse_disk_export.table_reader import read_disks

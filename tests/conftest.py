@@ -56,8 +56,8 @@ def fde(request: pytest.FixtureRequest, tmp_path: Path, qemu_tools: None) -> Ite
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A private runtime registry (state.registry_dir()) for the test's process and children:
+def registry_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A private runtime registry (registry.registry_dir()) for the test's process and children:
     other test runs on this machine have exports of their own."""
     runtime = tmp_path / "run"
     runtime.mkdir()

@@ -1,11 +1,11 @@
-"""Records of the runtime registry (state.ExportRecord), as a serving process writes them."""
+"""Records of the runtime registry (registry.ExportRecord), as a serving process writes them."""
 
 from __future__ import annotations
 
-from fuse_disk_export import state
+from fuse_disk_export import registry
 
 
-def record(pid: int, mountpoint: str = "/images/a.qcow2", **kw: object) -> state.ExportRecord:
+def record(pid: int, mountpoint: str = "/images/a.qcow2", **kw: object) -> registry.ExportRecord:
     fields: dict[str, object] = dict(
         image=mountpoint,
         format="qcow2",
@@ -17,4 +17,4 @@ def record(pid: int, mountpoint: str = "/images/a.qcow2", **kw: object) -> state
         since=1.0,
     )
     fields.update(kw)
-    return state.ExportRecord(**fields)  # type: ignore[arg-type]
+    return registry.ExportRecord(**fields)  # type: ignore[arg-type]

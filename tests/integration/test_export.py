@@ -99,7 +99,7 @@ def test_pid_file_gone_means_reverted(fde: Runner, tmp_path: Path) -> None:
     images = [make_qcow2(tmp_path / f"i{n}.qcow2", "64M") for n in range(16)]
     pid_file = tmp_path / "fde.pid"
     pid = start_detached(fde, pid_file, *images)
-    # Not the pid file's own watcher (pidwatch): it goes once the tool has gone.
+    # Not the pid file's own watcher (pidfile.watcher): it goes once the tool has gone.
     daemons = [c.pid for c in psutil.Process(pid).children() if "fde-guard" not in c.cmdline()]
     assert daemons
     os.kill(pid, signal.SIGINT)

@@ -392,7 +392,7 @@ def test_two_invocations_started_together(fde: Runner, tmp_path: Path) -> None:
 
 
 def test_a_claimed_path_is_refused_before_anything_starts(
-    fde: Runner, registry: Path, tmp_path: Path
+    fde: Runner, registry_dir: Path, tmp_path: Path
 ) -> None:
     from fuse_disk_export import claims
 

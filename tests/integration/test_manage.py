@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "qemu-fuse-disk-export.py"
 UNIT = REPO / "scripts" / "fuse-disk-export@.service"
 
-pytestmark = pytest.mark.usefixtures("registry")
+pytestmark = pytest.mark.usefixtures("registry_dir")
 
 
 @pytest.fixture

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from fuse_disk_export import manage, state
+from fuse_disk_export import manage, registry
 from tests.helpers.records import record
 
-pytestmark = pytest.mark.usefixtures("registry")
+pytestmark = pytest.mark.usefixtures("registry_dir")
 
 
 @pytest.fixture
 def stand_in() -> Iterator[subprocess.Popen[bytes]]:
     """A process that plays a serving fuse-disk-export: registered, ends on SIGINT."""
     proc = subprocess.Popen(["sleep", "60"])
-    started = state.process_start_time(proc.pid)
+    started = registry.process_start_time(proc.pid)
     assert started is not None
-    state.register([record(proc.pid, "/images/a.qcow2", started=started)])
+    registry.register([record(proc.pid, "/images/a.qcow2", started=started)])
     yield proc
     proc.kill()
     proc.wait()
@@ -123,7 +123,7 @@ def test_stop_gives_up_at_the_deadline(caplog: pytest.LogCaptureFixture) -> None
     )
     try:
         assert stubborn.stdout is not None and stubborn.stdout.readline() == b"\n"
-        state.register([record(stubborn.pid, started=state.process_start_time(stubborn.pid))])
+        registry.register([record(stubborn.pid, started=registry.process_start_time(stubborn.pid))])
         assert manage.stop([str(stubborn.pid)], timeout=0.2) == 1
         assert stubborn.poll() is None
         assert f"pid {stubborn.pid} did not stop within 0.2s" in caplog.text
@@ -135,8 +135,8 @@ def test_stop_gives_up_at_the_deadline(caplog: pytest.LogCaptureFixture) -> None
 def test_the_path_to_live_imports_neither_psutil_nor_rich() -> None:
     code = (
         "import sys\n"
-        "import fuse_disk_export.cli, fuse_disk_export.export, fuse_disk_export.request\n"
-        "import fuse_disk_export.logs, fuse_disk_export.notify, fuse_disk_export.state\n"
+        "import fuse_disk_export.cli, fuse_disk_export.lifecycle, fuse_disk_export.request\n"
+        "import fuse_disk_export.logs, fuse_disk_export.notify, fuse_disk_export.registry\n"
         "print(sorted(m for m in ('psutil', 'rich') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

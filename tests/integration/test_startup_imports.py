@@ -42,8 +42,8 @@ def test_named_tuples_are_built_from_evaluated_annotations() -> None:
 def test_the_path_to_live_leaves_out_what_it_does_not_use() -> None:
     code = (
         "import sys\n"
-        "import fuse_disk_export.cli, fuse_disk_export.export, fuse_disk_export.request\n"
-        "import fuse_disk_export.daemonize\n"
+        "import fuse_disk_export.cli, fuse_disk_export.lifecycle, fuse_disk_export.request\n"
+        "import fuse_disk_export.background\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
     loaded = set(
@@ -62,6 +62,6 @@ def test_the_path_to_live_leaves_out_what_it_does_not_use() -> None:
         "pathlib",
         "fuse_disk_export.partitions",
         "fuse_disk_export.table_reader",
-        "fuse_disk_export.fsmount",
+        "fuse_disk_export.mountfs",
     }
     assert loaded & unwanted == set()

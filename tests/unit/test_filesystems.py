@@ -8,15 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuse_disk_export import filesystems, fsmount
+from fuse_disk_export import filesystems
 from fuse_disk_export.errors import RequirementError
 from fuse_disk_export.filesystems import MAX_PROBE_BYTES, identify
+from fuse_disk_export.mountfs import drivers, mount
 
 PROBE_BYTES = 40 * 1024
 
 
 def probe(read: filesystems.Read, size: int = PROBE_BYTES) -> str | None:
-    return filesystems.probe(read, size)
+    return drivers.probe(read, size)
 
 
 def reader(data: bytes) -> filesystems.Read:
@@ -87,7 +88,7 @@ def test_magic_numbers() -> None:
 @given(st.binary(max_size=PROBE_BYTES))
 def test_any_bytes_are_safe(data: bytes) -> None:
     found = identify(reader(data), len(data))
-    assert found is None or found in filesystems.FAMILIES
+    assert found is None or found in drivers.FAMILIES
 
 
 @given(st.integers(0, 4095), st.binary(min_size=1, max_size=64))
@@ -96,17 +97,17 @@ def test_mutated_superblocks_are_safe(at: int, patch: bytes) -> None:
         data = bytearray(base)
         data[at : at + len(patch)] = patch
         found = probe(reader(bytes(data[:PROBE_BYTES])), len(data))
-        assert found is None or found in filesystems.DRIVERS or found in filesystems.FAMILIES
+        assert found is None or found in drivers.DRIVERS or found in drivers.FAMILIES
 
 
 def test_a_missing_driver_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fsmount.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mount.shutil, "which", lambda name: None)
     with pytest.raises(RequirementError, match=r"fuse2fs not found.*Debian package fuse2fs"):
-        fsmount.find_driver("ext")
+        mount.find_driver("ext")
     with pytest.raises(RequirementError, match="Debian package ntfs-3g"):
-        fsmount.find_driver("ntfs")
+        mount.find_driver("ntfs")
 
 
 def test_every_driver_is_a_known_fs_type() -> None:
-    assert set(filesystems.FS_TYPES.values()) == set(filesystems.DRIVERS)
-    assert {d.fs for d in filesystems.DRIVERS.values() if d.writes} == {"ext", "ntfs"}
+    assert set(drivers.FS_TYPES.values()) == set(drivers.DRIVERS)
+    assert {d.fs for d in drivers.DRIVERS.values() if d.writes} == {"ext", "ntfs"}

@@ -134,7 +134,7 @@ def python_commands(source: str) -> dict[str, list[int]]:
         elif name == "require" and len(node.args) >= 2:
             values = [v for v in named(node.args[1]) if "/" not in v]
         elif name == "Driver" and len(node.args) >= 2:
-            # fuse_disk_export.filesystems: Driver(fs, program, package, ...) runs ``program``.
+            # fuse_disk_export.mountfs.drivers: Driver(fs, program, package, ...) runs ``program``.
             values = named(node.args[1])
         elif name in ARGV_CALLS:
             first = node.args[0]

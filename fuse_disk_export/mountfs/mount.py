@@ -18,9 +18,9 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from fuse_disk_export import mounts
-from fuse_disk_export.engine.process import StderrTap, start_child
+from fuse_disk_export.engine.process import StderrTap, describe_exit, start_child
 from fuse_disk_export.errors import FsError, MountError, RequirementError
-from fuse_disk_export.filesystems import DRIVERS, Driver
+from fuse_disk_export.mountfs.drivers import DRIVERS, Driver
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def mounted(
 ) -> Iterator[Mounted]:
     """``fs``'s driver serving ``source`` at ``directory`` for the duration of the block.
 
-    :param pass_fds: descriptors the driver holds (the pid file watcher's: `pidwatch`).
+    :param pass_fds: descriptors the driver holds (the pid file watcher's: `pidfile.watcher`).
 
     :raise FsError: the driver could not mount it (its own reason is in the message).
     :raise RequirementError: the driver is not installed.
@@ -172,3 +172,16 @@ def mounted(
         yield here
     finally:
         unmount(here)
+
+
+def driver_died(mounted: Mounted) -> FsError:
+    """The error of a driver that exited while serving: the caller reverts the export under it."""
+    status = mounted.process.wait()
+    said = mounted.stderr.since(0)
+    why = f": {said[-1]}" if said else ""
+    return FsError(
+        f"{mounted.driver.program} (pid {mounted.process.pid}) "
+        f"{describe_exit(status)} while serving{why}; detached it, and reverted "
+        "the export",
+        path=mounted.directory,
+    )

@@ -1,9 +1,9 @@
 """One invocation, end to end: resolved images -> graph -> live daemon -> serve -> revert.
 
-The command line (or the Python API) builds an `ExportRequest`; this module decides nothing about
-QEMU (the engine's graph does) and starts no process itself (the engine does): it wires the
-engine to the outside world — stop signals, the pid file, the runtime registry, systemd, a
-``--mount-fs`` driver — and reports live through a callback.
+The command line (or the Python API) builds an `ExportRequest` (`request`); this module decides
+nothing about QEMU (the engine's graph does) and starts no process itself (the engine does): it
+wires the engine to the outside world — stop signals, the pid file, the runtime registry, systemd,
+a ``--mount-fs`` driver — and reports live through a callback.
 """
 
 import contextlib
@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from fuse_disk_export import (
@@ -22,47 +22,20 @@ from fuse_disk_export import (
     mounts,
     notify,
     pidfile,
-    pidwatch,
-    state,
+    registry,
     stopsignals,
 )
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, may_read_short
-from fuse_disk_export.engine.process import describe_exit, find_binary
-from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
-from fuse_disk_export.images import Resolved
+from fuse_disk_export.engine.process import find_binary
+from fuse_disk_export.errors import Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.prepare import ImageExtras, prepare_images
+from fuse_disk_export.request import ExportRequest
 
 if TYPE_CHECKING:
-    from fuse_disk_export.fsmount import Mounted
+    from fuse_disk_export.mountfs.mount import Mounted
 
 log = logging.getLogger(__name__)
-
-
-class FsPlan(NamedTuple):
-    """Where and how ``--mount-fs`` mounts the filesystem of the export."""
-
-    directory: str
-    fs: str
-    read_only: bool
-    #: The private folder of the export's file, removed on revert.
-    private_dir: str
-
-
-class ExportRequest(NamedTuple):
-    """Everything one invocation exports, already resolved to absolute paths."""
-
-    images: Sequence[Resolved]
-    tuning: Tuning = Tuning()
-    pid_file: str | None = None
-    #: Per image: overlay and snapshot server to prepare (empty: none for any image).
-    preparations: Sequence[ImageExtras] = ()
-    #: Secret objects to create, id -> passphrase (they reach QEMU through pipes).
-    secrets: Mapping[str, str] | None = None
-    #: ``--mount-fs``: the filesystem to mount over the (one) export, which is on a private file.
-    filesystem: FsPlan | None = None
-    #: I/O threads of every FUSE export; None: the default for the QEMU that answers.
-    iothreads: int | None = None
 
 
 def _check_io_uring(request: ExportRequest, tuning: Tuning) -> None:
@@ -127,7 +100,7 @@ def live(
         cleanup.callback(engine.reap_all, started)
         cleanup.callback(_release, pid_files)
         if register:
-            cleanup.callback(state.unregister)
+            cleanup.callback(registry.unregister)
         # Held until every daemon has stopped, and given up before the pid file goes: a script
         # that waits for it and exports again must not find the path still claimed.
         cleanup.enter_context(claims.claimed([r.spec.mountpoint for r in request.images]))
@@ -147,7 +120,7 @@ def live(
         # Planned for the QEMU that will answer (the plan goes on its command line); unknown
         # counts as old: a guard costs speed where it is not needed, never data.  Refused
         # combinations are refused before an overlay or a helper process is made.
-        info = qemuinfo.of(binary, os.path.join(state.registry_dir(), qemuinfo.CACHE))
+        info = qemuinfo.of(binary, os.path.join(registry.registry_dir(), qemuinfo.CACHE))
         tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
         _check_io_uring(request, tuning)
         specs = [r.spec for r in request.images]
@@ -155,7 +128,7 @@ def live(
         prepared = cleanup.enter_context(prepare_images(specs, needs))
         # Given to every daemon (and a --mount-fs driver) too: the watcher removes the pid file
         # only once they have all gone as well.
-        watcher = pidwatch.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
+        watcher = pidfile.remove_pid_file_when_gone(request.pid_file) if request.pid_file else None
         held = [watcher] if watcher is not None else []
         size = limits.SHARD_SIZE
         shards = [prepared.specs[i : i + size] for i in range(0, len(prepared.specs), size)]
@@ -206,12 +179,12 @@ def live(
             writeguard.protect(daemon.graph, daemon.version)
         mounted = None
         if request.filesystem is not None:
-            from fuse_disk_export import fsmount  # --mount-fs only
+            from fuse_disk_export.mountfs import mount  # --mount-fs only
 
             plan_fs = request.filesystem
             # Entered after the daemon's cleanup: unmounted before the export goes.
             mounted = cleanup.enter_context(
-                fsmount.mounted(
+                mount.mounted(
                     request.images[0].spec.mountpoint,
                     plan_fs.directory,
                     plan_fs.fs,
@@ -224,9 +197,9 @@ def live(
             pid_files.append(pidfile.PidFile(request.pid_file))
         if register:
             serving = {m: d.pid for d in daemons for m in d.mountpoints}
-            state.register(
+            registry.register(
                 [
-                    state.ExportRecord(
+                    registry.ExportRecord(
                         image=r.spec.image,
                         format=r.spec.layers[0].format,
                         virtual_size=r.info.virtual_size,
@@ -292,7 +265,9 @@ def serve(
                 if driver:
                     driver.close()
             if by is driver and now.filesystem is not None:
-                raise _driver_died(now.filesystem)
+                from fuse_disk_export.mountfs import mount  # --mount-fs only
+
+                raise mount.driver_died(now.filesystem)
             if isinstance(by, engine.Unmounted):
                 # As nbdfuse after fusermount3 -u: the user ended it; the rest goes with it.
                 log.warning("%s; reverting every export of this invocation", why)
@@ -314,18 +289,6 @@ def _warn_in_use(request: ExportRequest) -> None:
             path,
             ", ".join(loops),
         )
-
-
-def _driver_died(mounted: "Mounted") -> FsError:
-    status = mounted.process.wait()
-    said = mounted.stderr.since(0)
-    why = f": {said[-1]}" if said else ""
-    return FsError(
-        f"{mounted.driver.program} (pid {mounted.process.pid}) "
-        f"{describe_exit(status)} while serving{why}; detached it, and reverted "
-        "the export",
-        path=mounted.directory,
-    )
 
 
 def _release(pid_files: list[pidfile.PidFile]) -> None:

@@ -8,7 +8,7 @@ import sys
 
 SCRIPT = """
 import sys
-from fuse_disk_export.daemonize import run_detached
+from fuse_disk_export.background import run_detached
 from fuse_disk_export.errors import ImageError
 
 def ready(reporter):
