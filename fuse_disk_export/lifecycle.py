@@ -265,10 +265,16 @@ def serve(
                 if driver:
                     driver.close()
             if by is driver and now.filesystem is not None:
-                from fuse_disk_export.mountfs import mount  # --mount-fs only
+                if mounts.mount_at(now.filesystem.directory) is not None:
+                    from fuse_disk_export.mountfs import mount  # --mount-fs only
 
-                raise mount.driver_died(now.filesystem)
-            if isinstance(by, engine.Unmounted):
+                    # It died: its dead mount is still there (detached in the revert).
+                    raise mount.driver_died(now.filesystem)
+                # It exited because its filesystem was unmounted (fusefat with status 255, after
+                # "readn() error" on stderr).
+                now.filesystem.stderr.quiet()
+                why = f"{now.filesystem.directory} unmounted from outside"
+            if by is driver or isinstance(by, engine.Unmounted):
                 # As nbdfuse after fusermount3 -u: the user ended it; the rest goes with it.
                 log.warning("%s; reverting every export of this invocation", why)
             else:

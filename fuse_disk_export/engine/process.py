@@ -105,6 +105,7 @@ class StderrTap:
         self._last: bytes | None = None
         self._repeats = 0
         self._gone: tuple[bytes, ...] = ()
+        self._quiet = False
 
     def release(self) -> None:
         """Pass on what was held back, and everything from now on."""
@@ -136,7 +137,14 @@ class StderrTap:
         ...: not mounted")."""
         self._gone = tuple(os.fsencode(p) for p in paths)
 
+    def quiet(self) -> None:
+        """From now on nothing is passed on (only logged for -v): what a process says after
+        its end was decided is a consequence, not news."""
+        self._quiet = True
+
     def _expected(self, line: bytes) -> bool:
+        if self._quiet:
+            return True
         if not self._gone:
             return False
         if b"Failed to read from FUSE device" in line:
@@ -150,7 +158,7 @@ class StderrTap:
             self._lines.append(line.decode(errors="replace").strip())
             self.count += 1
             if self._expected(line):
-                log.debug("qemu-storage-daemon said: %s", line.decode(errors="replace"))
+                log.debug("left out: %s", line.decode(errors="replace"))
                 continue
             if line == self._last:
                 self._repeats += 1

@@ -20,7 +20,7 @@ import pytest
 from fuse_disk_export import mounts
 from tests.helpers.checks import assert_all_clean, is_mounted
 from tests.helpers.disks import tool
-from tests.helpers.images import qemu_img
+from tests.helpers.images import image_format, qemu_img
 from tests.helpers.runner import Runner, pid_gone, wait_for
 from tests.helpers.units import MiB
 
@@ -172,6 +172,27 @@ def test_sigint_unmounts_both_layers(fde: Runner, tmp_path: Path) -> None:
     fde.revert(proc)
     assert not is_mounted(directory)
     assert_all_clean(tmp_path)
+
+
+@pytest.mark.parametrize("fs", ["ext4", "vfat"])
+def test_unmounting_the_filesystem_ends_the_export(fde: Runner, tmp_path: Path, fs: str) -> None:
+    """``fusermount3 -u DIR`` is the user's way to end it: the export under it is reverted, one
+    line says so, exit 0; what the driver says as it goes (fusefat: "readn() error", and exit
+    status 255) is not an error."""
+    image = filesystem_disk(tmp_path, fs)
+    directory = _mount_dir(tmp_path)
+    proc = fde.start_live(
+        *(["-r"] if fs == "vfat" else []), "--mount-fs", str(directory), str(image)
+    )
+    subprocess.run(["fusermount3", "-u", str(directory)], check=True)
+    status = proc.wait(timeout=30)
+    err = proc.stderr.read() if proc.stderr else ""
+    assert status == 0, err
+    assert f"{directory} unmounted from outside" in err, err
+    assert "readn()" not in err and "Traceback" not in err, err
+    assert not is_mounted(directory)
+    assert_all_clean(tmp_path)
+    assert image_format(image) == "qcow2"
 
 
 def _driver(directory: Path) -> int:
