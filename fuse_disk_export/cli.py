@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -370,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
         def ready(_warnings: Sequence[str]) -> None:
             # The warnings are on stderr already.
             if not args.quiet:
-                print(READY_LINE, flush=True)
+                logs.say(READY_LINE)
 
         exit_now(serve(request, on_live=ready))
 
@@ -440,8 +441,12 @@ def exit_now(status: int) -> NoReturn:
     """Exit without tearing the interpreter down (which the shell would wait for): everything
     is reverted and reported by now."""
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        logs.stdout_gone()
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(status)
 
 

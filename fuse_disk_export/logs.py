@@ -24,6 +24,26 @@ FILE_FORMAT = f"%(asctime)s {IDENT}[%(process)d]: %(levelname)s: %(message)s"
 PACKAGE = "fuse_disk_export"
 
 
+def say(text: str) -> None:
+    """Print ``text`` (a line, or lines) on stdout.  A reader that has gone (a pipe closed, as
+    by ``| head -0``) is no error: what the command does does not depend on being read, and
+    its exit status reports what it did."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        stdout_gone()
+
+
+def stdout_gone() -> None:
+    """What is still buffered for a stdout whose reader has gone is dropped, and whatever
+    follows goes to /dev/null, so that no later write or flush fails."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
+
+
 class WarningCollector(logging.Handler):
     """The message of every warning (and error) the package logs, from entering until `stop`:
     how a setup's warnings travel to the waiting parent of a ``-d`` run and into the registry.

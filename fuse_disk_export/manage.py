@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from fuse_disk_export import mounts, registry
+from fuse_disk_export import logs, mounts, registry
 from fuse_disk_export.columns import plain_columns
 from fuse_disk_export.errors import FdeError, MountError
 from fuse_disk_export.registry import ExportRecord
@@ -264,7 +264,7 @@ def stop(targets: Sequence[str], *, timeout: float = STOP_TIMEOUT, quiet: bool =
         for s in stopped:
             done = [p for p in s.mountpoints if p not in left]
             if done and not quiet:
-                print(f"Reverted {', '.join(done)} (pid {s.pid})")
+                logs.say(f"Reverted {', '.join(done)} (pid {s.pid})")
     finally:
         for s in stops.values():
             if s.pidfd >= 0:
