@@ -265,7 +265,7 @@ def serve(
                 if driver:
                     driver.close()
             if by is driver and now.filesystem is not None:
-                if mounts.mount_at(now.filesystem.directory) is not None:
+                if now.filesystem.now() is not None:
                     from fuse_disk_export.mountfs import mount  # --mount-fs only
 
                     # It died: its dead mount is still there (detached in the revert).

@@ -95,6 +95,16 @@ def one_reading() -> Iterator[None]:
         _held.pop()
 
 
+def same_mount(entry: MountEntry, table: list[MountEntry] | None = None) -> MountEntry | None:
+    """``entry``'s mount as it is now, wherever it is: a folder above it renamed (``mv``) takes
+    the mount along, to another path.  The same mount ID on the same device: an ID alone is
+    given to the next mount once freed."""
+    for now in read_mounts() if table is None else table:
+        if now.mount_id == entry.mount_id and now.device == entry.device:
+            return now
+    return None
+
+
 def mount_at(path: str, mounts: list[MountEntry] | None = None) -> MountEntry | None:
     """The topmost mount whose mount point is exactly ``path`` (absolute), if any."""
     found = None

@@ -99,8 +99,9 @@ class Daemon:
         self._spawned = spawned
         self._pidfd = pidfd
         self._terminated = False
-        #: Each export's mount, by mount ID, as it was when the daemon went live (`Unmounted`).
-        self.mounts: dict[int, str] = {}
+        #: Each export's mount as it was when the daemon went live: how it is found once it has
+        #: moved (a folder renamed) or gone (`Unmounted`).
+        self.mounts: list[mounts.MountEntry] = []
 
     @property
     def pid(self) -> int:
@@ -233,27 +234,34 @@ def explain(lines: list[str], graph: BlockGraph) -> FdeError | None:
     return None
 
 
-def _detach_new(graph: BlockGraph, before: set[int]) -> list[str]:
-    """Detach what the daemon, which has exited, left mounted (not there before it started);
-    return the paths.
+def _detach_new(
+    graph: BlockGraph, before: set[int], recorded: Sequence[mounts.MountEntry] = ()
+) -> list[str]:
+    """Detach what the daemon, which has exited, left mounted (not there before it started),
+    and its ``recorded`` mounts wherever they are now (moved with a renamed folder, where its
+    own unmount missed them); return the paths.
 
     A FUSE mount that some process still serves is not the daemon's: another program mounted it
     there meanwhile (the application keeps its own invocations apart), and it is left alone.
     """
     table = mounts.read_mounts()
+    found = [
+        entry
+        for export in graph.exports
+        if (entry := mounts.mount_at(export.mountpoint, table)) is not None
+        and entry.mount_id not in before
+    ]
+    found += [e for r in recorded if (e := mounts.same_mount(r, table)) and e not in found]
     detached = []
     served: set[int] | None = None
-    for export in graph.exports:
-        entry = mounts.mount_at(export.mountpoint, table)
-        if entry is None or entry.mount_id in before:
-            continue
+    for entry in found:
         if entry.is_fuse:
             served = mounts.served_connections() if served is None else served
             if mounts.connection_id(entry) in served:
-                log.debug("%s: mounted by another process; left alone", export.mountpoint)
+                log.debug("%s: mounted by another process; left alone", entry.mount_point)
                 continue
-        mounts.lazy_unmount(export.mountpoint)
-        detached.append(export.mountpoint)
+        mounts.lazy_unmount(entry.mount_point)
+        detached.append(entry.mount_point)
     return detached
 
 
@@ -389,11 +397,11 @@ def start_all(
         one.spawned.stderr.release()
         assert one.greeting is not None
         daemon = Daemon(one.spawned, one.pidfd, one.graph, _version(one.greeting))
-        daemon.mounts = {
-            entry.mount_id: x.mountpoint
+        daemon.mounts = [
+            entry
             for x in one.graph.exports
             if (entry := mounts.mount_at(x.mountpoint, table)) is not None
-        }
+        ]
         daemons.append(daemon)
     if stopped is not None:
         stop_all(daemons)
@@ -434,8 +442,13 @@ class Unmounted:
         return self._fd
 
     def reason(self) -> str | None:
-        present = {entry.mount_id for entry in mounts.read_mounts()}
-        gone = [p for d in self._daemons for i, p in d.mounts.items() if i not in present]
+        table = mounts.read_mounts()
+        gone = [
+            e.mount_point
+            for d in self._daemons
+            for e in d.mounts
+            if mounts.same_mount(e, table) is None
+        ]
         if not gone:
             return None
         for daemon in self._daemons:
@@ -475,7 +488,7 @@ def serve(*daemons: Daemon, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
             for daemon in daemons:
                 if daemon._pidfd in ready:
                     status = daemon.process.wait()
-                    left = _detach_new(daemon.graph, set())
+                    left = _detach_new(daemon.graph, set(), daemon.mounts)
                     log.debug("detached the dead mounts on %s", ", ".join(left))
                     raise QemuError(
                         f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while "
@@ -586,7 +599,7 @@ def stop(daemon: Daemon, timeout: float = STOP_TIMEOUT, *, reap: bool = True) ->
         process.kill()
     daemon._close()
     status = process.returncode
-    left = _detach_new(daemon.graph, set())
+    left = _detach_new(daemon.graph, set(), daemon.mounts)
     if left:
         log.warning("a mount was left on %s; detached it", ", ".join(left))
     log.debug("qemu-storage-daemon %s", describe_exit(status))

@@ -37,6 +37,15 @@ class Mounted(NamedTuple):
     driver: Driver
     process: subprocess.Popen[bytes]
     stderr: StderrTap
+    #: Its mount as it was made (None until then): found by `mounts.same_mount` even after a
+    #: folder above it was renamed, which takes the mount to another path.
+    entry: mounts.MountEntry | None = None
+
+    def now(self) -> mounts.MountEntry | None:
+        """Its mount as it is now, if it is still there."""
+        if self.entry is None:
+            return mounts.mount_at(self.directory)
+        return mounts.same_mount(self.entry)
 
 
 def find_driver(fs: str) -> str:
@@ -79,7 +88,7 @@ def _argv(program: str, driver: Driver, source: str, directory: str, read_only: 
 
 def _wait_mounted(
     directory: str, program: str, process: subprocess.Popen[bytes], tap: StderrTap
-) -> None:
+) -> mounts.MountEntry:
     pidfd = os.pidfd_open(process.pid)
     deadline = time.monotonic() + MOUNT_TIMEOUT
     try:
@@ -91,8 +100,9 @@ def _wait_mounted(
             while True:
                 table.seek(0)
                 text = table.read().decode("utf-8", "surrogateescape")
-                if mounts.mount_at(directory, mounts.parse_mountinfo(text)) is not None:
-                    return
+                entry = mounts.mount_at(directory, mounts.parse_mountinfo(text))
+                if entry is not None:
+                    return entry
                 if process.poll() is not None:
                     said = tap.since(0)
                     raise FsError(
@@ -113,8 +123,9 @@ def _wait_mounted(
 def unmount(mounted: Mounted) -> None:
     """Unmount DIR (the driver flushes and exits), wait for the driver; detach what is left."""
     process = mounted.process
-    directory = mounted.directory
-    if process.poll() is None and mounts.mount_at(directory) is not None:
+    now = mounted.now()
+    directory = now.mount_point if now is not None else mounted.directory
+    if process.poll() is None and now is not None:
         result = subprocess.run(
             ["fusermount3", "-u", directory],
             stdin=subprocess.DEVNULL,
@@ -141,9 +152,10 @@ def unmount(mounted: Mounted) -> None:
             os.close(pidfd)
     process.wait()
     mounted.stderr.close()
-    if mounts.mount_at(directory) is not None:
-        log.warning("a mount was left on %s; detaching it", directory)
-        mounts.lazy_unmount(directory)
+    left = mounted.now()
+    if left is not None:
+        log.warning("a mount was left on %s; detaching it", left.mount_point)
+        mounts.lazy_unmount(left.mount_point)
 
 
 @contextlib.contextmanager
@@ -164,7 +176,7 @@ def mounted(
     )
     here = Mounted(directory, fs, driver, process, tap)
     try:
-        _wait_mounted(directory, driver.program, process, here.stderr)
+        here = here._replace(entry=_wait_mounted(directory, driver.program, process, tap))
         here.stderr.release()
         log.debug(
             "%s: %s filesystem mounted by %s (pid %d)", directory, fs, driver.program, process.pid

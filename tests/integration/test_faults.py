@@ -152,6 +152,30 @@ def test_export_unmounted_from_outside(fde: Runner, tmp_path: Path, how: str) ->
     qemu_io("qcow2", images[0], "read -P 0x42 2M 64k")
 
 
+def test_a_folder_renamed_while_exported(fde: Runner, tmp_path: Path) -> None:
+    """``mv`` of the image's folder takes the mount along; QEMU's own unmount then misses it
+    (it goes by the old path) and left a dead mount behind, with exit 0 and the pid file gone.
+    The mount is found where it went."""
+    folder = tmp_path / "before"
+    folder.mkdir()
+    img = make_qcow2(folder / "a.qcow2", "64M", (0x5A, "0", "1M"))
+    pid_file = tmp_path / "fde.pid"
+    result = fde.run("-dp", str(pid_file), str(img))
+    assert result.returncode == 0, result.stderr
+    pid = detached_pid(pid_file)
+    fde.track_pid(pid)
+    moved = tmp_path / "after"
+    folder.rename(moved)
+    assert mounts_under(tmp_path) == [str(moved / "a.qcow2")]
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: not pid_file.exists(), PROMPT, "the pid file to be removed")
+    assert mounts_under(tmp_path) == [], "the pid file went before the moved mount"
+    wait_for(lambda: pid_gone(pid), PROMPT, "the tool to exit")
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    assert image_format(moved / "a.qcow2") == "qcow2"
+    qemu_io("qcow2", moved / "a.qcow2", "read -P 0x5a 0 1M")
+
+
 # --------------------------------------------------------------------------------------------
 # 2. The tool itself is killed with SIGKILL
 

@@ -195,6 +195,26 @@ def test_unmounting_the_filesystem_ends_the_export(fde: Runner, tmp_path: Path, 
     assert image_format(image) == "qcow2"
 
 
+def test_a_folder_renamed_while_mounted(fde: Runner, tmp_path: Path) -> None:
+    """``mv`` of the folder above DIR takes the filesystem's mount along: the revert unmounts it
+    where it went (it left a dead mount there)."""
+    image = filesystem_disk(tmp_path, "ext4")
+    folder = tmp_path / "before"
+    directory = folder / "mnt"
+    directory.mkdir(parents=True)
+    pid_file = tmp_path / "fde.pid"
+    result = fde.run("-dp", str(pid_file), "--mount-fs", str(directory), str(image))
+    assert result.returncode == 0, result.stderr
+    fde.track_pid(int(pid_file.read_text()))
+    moved = tmp_path / "after"
+    folder.rename(moved)
+    assert is_mounted(moved / "mnt")
+    _stop(pid_file)
+    assert not is_mounted(moved / "mnt")
+    assert_all_clean(tmp_path)
+    assert image_format(image) == "qcow2"
+
+
 def _driver(directory: Path) -> int:
     entry = mounts.mount_at(str(directory))
     assert entry is not None
