@@ -144,6 +144,11 @@ def _regular_file(
         raise error(f"{prefix}is a directory, not an image file", path=about)
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{prefix}is not a regular file (a device or special file)", path=about)
+    kind = mounts.filesystem_of(os.path.realpath(path))
+    if kind in mounts.KERNEL_FILESYSTEMS:
+        # A backing file /proc/self/environ would show our environment in the export.
+        why = f"is a file of the kernel's {kind} filesystem, not an image"
+        raise error(prefix + why, path=about)
     if owner is None and st.st_size == 0:
         # QEMU exports it as a 0-byte file that takes no write: almost surely not what was meant.
         raise error(f"{prefix}is empty (0 bytes); nothing to export", path=about)

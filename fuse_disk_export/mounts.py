@@ -95,6 +95,28 @@ def one_reading() -> Iterator[None]:
         _held.pop()
 
 
+#: The kernel's own filesystems: their files describe the system (``/proc/self/environ``), they
+#: hold no disk image.
+KERNEL_FILESYSTEMS = frozenset(
+    {
+        "proc", "sysfs", "debugfs", "tracefs", "securityfs", "configfs", "cgroup", "cgroup2",
+        "bpf", "efivarfs", "pstore", "devpts", "fusectl", "binfmt_misc", "mqueue", "hugetlbfs",
+    }
+)  # fmt: skip
+
+
+def filesystem_of(path: str, table: list[MountEntry] | None = None) -> str | None:
+    """The type of the filesystem ``path`` (absolute, symlinks resolved) lies on."""
+    best: MountEntry | None = None
+    for entry in read_mounts() if table is None else table:
+        root = entry.mount_point.rstrip("/") + "/"
+        if (path == entry.mount_point or path.startswith(root)) and (
+            best is None or len(entry.mount_point) >= len(best.mount_point)
+        ):
+            best = entry
+    return best.fstype if best is not None else None
+
+
 def same_mount(entry: MountEntry, table: list[MountEntry] | None = None) -> MountEntry | None:
     """``entry``'s mount as it is now, wherever it is: a folder above it renamed (``mv``) takes
     the mount along, to another path.  The same mount ID on the same device: an ID alone is

@@ -189,12 +189,26 @@ def _resolve(options: Options) -> list[Resolved]:
 
 
 def _check_chains(images: list[Resolved]) -> None:
-    """Refuse a writable export of a file that another image of the invocation reads as its
-    backing file (QEMU would answer "locked by another process": it is its own lock)."""
-    writable = {r.spec.image for r in images if r.spec.writable}
+    """Refuse a writable export of a file that another image of the invocation opens too: as
+    its backing file, or as itself under another name (a hard link).  QEMU would answer
+    "locked by another process": it is its own lock."""
+
+    def file_of(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    writable = {file_of(r.spec.image): r.spec.image for r in images if r.spec.writable}
+    seen: dict[tuple[int, int], Resolved] = {}
     for r in images:
+        same = seen.setdefault(file_of(r.spec.image), r)
+        if same is not r and (r.spec.writable or same.spec.writable):
+            raise UsageError(
+                f"is the same file as {same.spec.image} (a hard link), exported in the same "
+                "invocation: export it once, or both with -r",
+                path=r.spec.image,
+            )
         for path in r.chain:
-            if path in writable:
+            if file_of(path) in writable:
                 raise UsageError(
                     f"is the backing file of {r.spec.image}, exported in the same invocation: "
                     "a write to it would change what that one shows; export it with -r, or on "

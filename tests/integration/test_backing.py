@@ -358,6 +358,30 @@ def test_vmdk_backing_with_an_extent_outside(fde: Runner, tmp_path: Path) -> Non
     assert "vmdk extent '/dev/zero'" in line, line
 
 
+@pytest.mark.parametrize("target", ["/proc/self/environ", "/sys/kernel/notes"])
+def test_a_backing_file_of_the_kernel_is_refused(fde: Runner, tmp_path: Path, target: str) -> None:
+    """A regular file, but the kernel's: /proc/self/environ would show the daemon's (our)
+    environment through the export."""
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", target, "-F", "raw", str(top), "1M")
+    line = refused(fde, "-r", image=top)
+    assert target in line and "filesystem, not an image" in line, line
+
+
+def test_hard_links_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
+    """Two names of one file: exported once writable would be twice QEMU's lock."""
+    one = make_qcow2(tmp_path / "one.qcow2", "64M")
+    two = tmp_path / "two.qcow2"
+    os.link(one, two)
+    result = fde.run(str(one), str(two))
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert f"{two}: is the same file as {one} (a hard link)" in line, line
+    assert_all_clean(tmp_path)
+    fde.revert(fde.start_live("-r", str(one), str(two)))
+    assert_all_clean(tmp_path)
+
+
 def test_an_image_and_its_backing_file_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
     """Writable, the backing file is refused in one line (QEMU said "locked by another process",
     its own lock); read-only, both are exported."""
