@@ -16,11 +16,19 @@ from fuse_disk_export.errors import UsageError
 DEFAULT_IOTHREADS = 4
 
 
-def for_qemu(tuning: Tuning, info: QemuInfo | None, *, iothreads: int | None) -> Tuning:
+def for_qemu(
+    tuning: Tuning,
+    info: QemuInfo | None,
+    *,
+    iothreads: int | None,
+    single_queue: str | None = None,
+) -> Tuning:
     """``tuning`` as the user asked, with what this QEMU needs and allows filled in.
 
     ``info`` None (the QEMU could not be asked) plans for the oldest QEMU: the guards on, no
     io_uring near a vmdk, no iothreads.  ``iothreads`` None: the default for this QEMU.
+    ``single_queue``: an image that must be written from one thread
+    (`graph.single_queue_image`).
 
     :raise UsageError: ``iothreads`` asks for more than this QEMU can do.
     """
@@ -28,7 +36,14 @@ def for_qemu(tuning: Tuning, info: QemuInfo | None, *, iothreads: int | None) ->
     multiqueue = info is not None and info.multiqueue_fuse
     if iothreads is None:
         # One iothread without the multi-queue form only moves the work out of the main loop.
-        iothreads = DEFAULT_IOTHREADS if multiqueue and tuning.nbd_socket is None else 0
+        several = multiqueue and tuning.nbd_socket is None and single_queue is None
+        iothreads = DEFAULT_IOTHREADS if several else 0
+    elif iothreads > 1 and single_queue is not None:
+        raise UsageError(
+            f"--iothreads {iothreads}: QEMU's qed driver aborts when several threads write it "
+            f"(11.1.3 measured); use --iothreads 1 or 0, or -r",
+            path=single_queue,
+        )
     elif iothreads > 1 and not multiqueue:
         raise UsageError(
             f"--iothreads {iothreads}: QEMU {_name(version)} serves a FUSE export from one "

@@ -475,6 +475,7 @@ def resolve(
         encryption=info.encryption if probed and info.encryption else "luks",
         overlay=overlay,
         odd_sized=_odd_sized([real, *(layer.path for layer in chain), data_file]),
+        size=info.virtual_size if probed else None,
     )
     return Resolved(spec, info, tuple(layer.path for layer in chain), creates, new_overlay_size)
 

@@ -26,7 +26,7 @@ from fuse_disk_export import (
     stopsignals,
 )
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
-from fuse_disk_export.engine.graph import BlockGraph, Tuning, may_read_short
+from fuse_disk_export.engine.graph import BlockGraph, Tuning, may_read_short, single_queue_image
 from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.prepare import ImageExtras, prepare_images
@@ -121,7 +121,12 @@ def live(
         # counts as old: a guard costs speed where it is not needed, never data.  Refused
         # combinations are refused before an overlay or a helper process is made.
         info = qemuinfo.of(binary, os.path.join(registry.registry_dir(), qemuinfo.CACHE))
-        tuning = choices.for_qemu(request.tuning, info, iothreads=request.iothreads)
+        tuning = choices.for_qemu(
+            request.tuning,
+            info,
+            iothreads=request.iothreads,
+            single_queue=single_queue_image([r.spec for r in request.images]),
+        )
         _check_io_uring(request, tuning)
         specs = [r.spec for r in request.images]
         needs = request.preparations or [ImageExtras()] * len(specs)

@@ -103,6 +103,8 @@ class ImageSpec(NamedTuple):
     #: A file of the image (a layer, its data file) has a size that is not a multiple of 512: a
     #: read of its end comes back short (`Tuning.io_uring_short_reads`).
     odd_sized: bool = False
+    #: The virtual size in bytes, where the probe knows it (`_fixed_size`).
+    size: int | None = None
 
 
 class Tuning(NamedTuple):
@@ -353,8 +355,10 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
     hole_guard = tuning.hole_guard and spec.writable and tuning.nbd_socket is None
     if hole_guard:
         below = add(_hole_guard(prefix, below))
-    if spec.slice is not None or hole_guard:
-        # A raw node on top: the partition's byte range, and the events that arm the guard.
+    fixed = _fixed_size(spec, tuning)
+    if spec.slice is not None or hole_guard or fixed is not None:
+        # A raw node on top: the partition's byte range, the size a truncate must not change,
+        # and the events that arm the guard.
         view: dict[str, object] = {
             "driver": "raw",
             "node-name": f"{prefix}-part" if spec.slice is not None else f"{prefix}-top",
@@ -363,10 +367,41 @@ def _image_steps(index: int, spec: ImageSpec, tuning: Tuning) -> tuple[list[Step
         }
         if spec.slice is not None:
             view.update(offset=spec.slice.offset, size=spec.slice.size)
+        elif fixed is not None:
+            view.update(size=fixed, discard=tuning.discard)
         if hole_guard:
             view["discard"] = "unmap"
         below = add(view)
     return steps, below
+
+
+#: Format drivers that QEMU does not keep safe when several I/O threads write at once (one
+#: multi-queue export): QEMU 11.1.3 aborts writing a qed under fio with four ("Assertion
+#: `s->allocating_acb == NULL' failed" in qed_aio_write_alloc: the daemon dies, the writes in
+#: flight are lost); one thread writes it safely.
+SINGLE_QUEUE_FORMATS = frozenset({"qed"})
+
+
+def single_queue_image(specs: Sequence[ImageSpec]) -> str | None:
+    """The first image that must be written from one I/O thread (`SINGLE_QUEUE_FORMATS`)."""
+    for spec in specs:
+        if spec.writable and spec.overlay is None and spec.layers[0].format in SINGLE_QUEUE_FORMATS:
+            return spec.image
+    return None
+
+
+def _fixed_size(spec: ImageSpec, tuning: Tuning) -> int | None:
+    """The size a writable FUSE export is held to, where the node it writes to is a qcow2 (the
+    image, or an overlay): from QEMU 8.0 on a truncate of the export (``dd`` without
+    ``conv=notrunc``, ``truncate``) resizes a qcow2 for good, and a raw node with a size refuses
+    it (EOPNOTSUPP), as a disk would.  The other formats' drivers refuse it themselves, and
+    before 8.0 the hole guard's raw node does.  The header's size, to whole sectors: QEMU's
+    own length of the node."""
+    if spec.size is None or not spec.writable or tuning.nbd_socket is not None:
+        return None
+    if spec.overlay is None and spec.layers[0].format != "qcow2":
+        return None
+    return spec.size // 512 * 512
 
 
 def _nbd_client(prefix: str, socket_path: str) -> dict[str, object]:

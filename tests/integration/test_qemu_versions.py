@@ -119,3 +119,53 @@ def test_setup_warnings_reach_a_dp_user_and_list(fde: Runner, tmp_path: Path) ->
         os.kill(serving, signal.SIGINT)
     wait_for(lambda: not pid_file.exists() and pid_gone(serving), 10, "the revert")
     assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+@pytest.mark.parametrize("view", ["image", "overlay"])
+def test_a_truncate_keeps_the_virtual_size(fde: Runner, tmp_path: Path, view: str) -> None:
+    """``truncate`` or ``dd`` without conv=notrunc on the export: refused on every QEMU (from 8.0
+    on it resized the qcow2, or the overlay, for good: 63 MiB of a 64 MiB disk gone)."""
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64M", str(img)], check=True,
+                   capture_output=True)  # fmt: skip
+    overlay = tmp_path / "w.qcow2"
+    extra = ["--overlay", str(overlay)] if view == "overlay" else []
+    pid_file = tmp_path / "fde.pid"
+    result = fde.run("-dp", str(pid_file), *extra, str(img))
+    assert result.returncode == 0, result.stderr
+    serving = int(pid_file.read_text())
+    fde.track_pid(serving)
+    try:
+        cut = subprocess.run(["truncate", "-s", "1M", str(img)], capture_output=True, text=True)
+        assert cut.returncode != 0 and "not supported" in cut.stderr, cut.stderr
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={img}", "bs=512", "seek=2048", "count=8", "status=none"],
+            capture_output=True,
+        )
+        assert os.stat(img).st_size == 64 * MiB
+    finally:
+        os.kill(serving, signal.SIGINT)
+    wait_for(lambda: not pid_file.exists() and pid_gone(serving), 10, "the revert")
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    top = overlay if view == "overlay" else img
+    size = json.loads(qemu_img("info", "--output=json", str(top)))["virtual-size"]
+    assert size == 64 * MiB
+    check = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 2M 62M", str(top)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert "fail" not in check.stdout.lower(), check.stdout
+
+
+def test_a_writable_qed_is_served_from_one_thread(fde: Runner, tmp_path: Path) -> None:
+    """QEMU 11.1.3's qed driver aborts when several I/O threads write it (the daemon died under
+    fio with the default four): one thread for such an invocation, and more refused."""
+    img = tmp_path / "d.qed"
+    qemu_img("create", "-q", "-f", "qed", str(img), "64M")
+    refused = fde.run("--iothreads", "4", str(img))
+    assert refused.returncode != 0
+    proc = fde.start_live("-v", str(img))
+    err = fde.revert(proc)
+    assert "iothreads 0" in err, err
+    assert_all_clean(tmp_path)

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from fuse_disk_export.engine.graph import ImageSpec, Layer, Slice, Tuning, plan
+from fuse_disk_export.engine.graph import (
+    ImageSpec,
+    Layer,
+    Slice,
+    Tuning,
+    plan,
+    single_queue_image,
+)
 
 
 def spec(path: str = "/img/a.qcow2", **kw: object) -> ImageSpec:
@@ -306,3 +313,34 @@ def test_io_uring_only_where_no_read_can_come_back_short() -> None:
     assert aio(Tuning()) is None
     assert aio(Tuning(io_uring_short_reads=True)) == "io_uring"
     assert aio(Tuning(aio="io_uring")) == "io_uring"  # asked for: refused before planning
+
+
+def test_a_writable_qcow2_export_keeps_its_size() -> None:
+    """A truncate through the export would resize a qcow2 for good (QEMU 8.0 and later): a raw
+    node of the header's size, in whole sectors, refuses it."""
+    graph = plan([spec(size=64 * 2**20 + 100)])
+    top = graph.phases[0][-1].do.args
+    assert top["driver"] == "raw" and top["size"] == 64 * 2**20 and "offset" not in top
+    assert graph.exports[0].node_name == top["node-name"]
+    # An overlay takes the writes: it is a qcow2, whatever the image is.
+    vmdk = Layer("/i/v.vmdk", "vmdk", read_only=True)
+    held = plan([spec("/i/v.vmdk", layers=(vmdk,), overlay="/i/w.qcow2", size=8192)])
+    assert held.phases[0][-1].do.args["size"] == 8192
+    # Nothing to hold: read-only, other formats (their drivers refuse), the NBD side, no size.
+    for free in (
+        plan([spec(size=8192, writable=False)]),
+        plan([spec("/i/d.vdi", layers=(Layer("/i/d.vdi", "vdi"),), size=8192)]),
+        plan([spec(size=8192)], Tuning(nbd_socket="/x.sock")),
+        plan([spec()]),
+    ):
+        assert not any(s.do.args.get("driver") == "raw" for s in free.phases[0])
+    # A partition keeps its own range.
+    part = plan([spec(slice=Slice(4096, 8192), size=2**20)]).phases[0][-1].do.args
+    assert part["offset"] == 4096 and part["size"] == 8192
+
+
+def test_a_writable_qed_is_written_from_one_thread() -> None:
+    qed = spec("/i/d.qed", layers=(Layer("/i/d.qed", "qed"),))
+    assert single_queue_image([spec(), qed]) == "/i/d.qed"
+    assert single_queue_image([qed._replace(writable=False)]) is None
+    assert single_queue_image([qed._replace(overlay="/i/w.qcow2")]) is None

@@ -86,6 +86,13 @@ def test_iothreads_the_qemu_cannot_serve_are_refused() -> None:
     assert choices.for_qemu(Tuning(nbd_socket="/s"), NEW, iothreads=None).iothreads == 0
 
 
+def test_an_image_written_from_one_thread_gets_no_more() -> None:
+    assert choices.for_qemu(Tuning(), NEW, iothreads=None, single_queue="/d.qed").iothreads == 0
+    assert choices.for_qemu(Tuning(), NEW, iothreads=1, single_queue="/d.qed").iothreads == 1
+    with pytest.raises(UsageError, match="qed"):
+        choices.for_qemu(Tuning(), NEW, iothreads=4, single_queue="/d.qed")
+
+
 def test_schema_probe_tells_fuse_export_support() -> None:
     def with_cases(*cases: str) -> list[bytes]:
         lines = _monitor((7, 2, 22), "str", False)
