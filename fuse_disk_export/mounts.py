@@ -119,10 +119,11 @@ def filesystem_of(path: str, table: list[MountEntry] | None = None) -> str | Non
 
 def same_mount(entry: MountEntry, table: list[MountEntry] | None = None) -> MountEntry | None:
     """``entry``'s mount as it is now, wherever it is: a folder above it renamed (``mv``) takes
-    the mount along, to another path.  The same mount ID on the same device: an ID alone is
-    given to the next mount once freed."""
+    the mount along, to another path.  The same mount ID, device, type and source.  Once it is
+    gone, the kernel gives its ID and device to the next mounts at once: a FUSE mount found
+    after its server has exited is another's if a process serves it (`served_connections`)."""
     for now in read_mounts() if table is None else table:
-        if now.mount_id == entry.mount_id and now.device == entry.device:
+        if now._replace(mount_point="") == entry._replace(mount_point=""):
             return now
     return None
 

@@ -42,10 +42,19 @@ class Mounted(NamedTuple):
     entry: mounts.MountEntry | None = None
 
     def now(self) -> mounts.MountEntry | None:
-        """Its mount as it is now, if it is still there."""
+        """Its mount as it is now, if it is still there.
+
+        Once the driver has exited, a mount found by the same ID and device that a process
+        serves is another program's: the kernel gives both numbers out again at once (a test
+        of ours detached another's export that way).
+        """
         if self.entry is None:
-            return mounts.mount_at(self.directory)
-        return mounts.same_mount(self.entry)
+            entry = mounts.mount_at(self.directory)
+        else:
+            entry = mounts.same_mount(self.entry)
+        if entry is None or self.process.poll() is None or not entry.is_fuse:
+            return entry
+        return None if mounts.connection_id(entry) in mounts.served_connections() else entry
 
 
 def find_driver(fs: str) -> str:

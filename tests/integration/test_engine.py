@@ -127,3 +127,27 @@ def test_a_stop_that_does_not_reap_returns_with_everything_closed(
     assert daemon.process.returncode == 0
     assert engine.stop(daemon) == 0
     assert_all_clean(tmp_path)
+
+
+def test_a_recorded_mount_whose_numbers_went_to_another_is_left_alone(
+    graph: engine.BlockGraph, hand: Processes, tmp_path: Path
+) -> None:
+    """The kernel gives a freed mount's ID and device to the next mount at once: once our daemon
+    or driver has gone, a mount with the numbers we recorded that a process serves is another's
+    (a test of ours detached an export of another program's that way)."""
+    from fuse_disk_export import mounts
+    from fuse_disk_export.engine.daemon import _detach_new
+    from fuse_disk_export.mountfs.drivers import DRIVERS
+    from fuse_disk_export.mountfs.mount import Mounted
+
+    other = make_qcow2(tmp_path / "b.qcow2", "64M")
+    hand.export_by_hand(other)
+    entry = mounts.mount_at(str(other))
+    assert entry is not None
+    recorded = entry._replace(mount_point=str(tmp_path / "where-ours-was"))
+    assert _detach_new(graph, set(), [recorded]) == []
+    assert is_mounted(other)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    driver = Mounted(recorded.mount_point, "ext", DRIVERS["ext"], gone, None, recorded)  # type: ignore[arg-type]
+    assert driver.now() is None
