@@ -139,7 +139,10 @@ def _lookup(target: str, records: Sequence[ExportRecord]) -> list[ExportRecord]:
     if target.isdigit() and not os.path.lexists(target):
         found = [r for r in records if r.pid == int(target)]
         if not found:
-            raise FdeError(f"pid {target} is not a fuse-disk-export process (see --list)")
+            raise FdeError(
+                f"pid {target} serves no export: it is not a fuse-disk-export process, or its "
+                "revert has begun (see --list)"
+            )
         return found
     path = os.path.abspath(target)
     names = [path]

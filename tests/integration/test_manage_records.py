@@ -103,7 +103,8 @@ def test_stop_refuses_what_is_not_ours(
         other.wait()
     errors = [r.getMessage() for r in caplog.records]
     assert errors == [
-        f"pid {other.pid} is not a fuse-disk-export process (see --list)",
+        f"pid {other.pid} serves no export: it is not a fuse-disk-export process, or its "
+        "revert has begun (see --list)",
         f"{missing}: is not exported (see --list)",
         errors[2],
     ]
