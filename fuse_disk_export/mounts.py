@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, NamedTuple
 
 from fuse_disk_export.errors import RequirementError
@@ -117,15 +117,25 @@ def filesystem_of(path: str, table: list[MountEntry] | None = None) -> str | Non
     return best.fstype if best is not None else None
 
 
+def _identity(entry: MountEntry) -> tuple[int, str, str, str]:
+    return entry.mount_id, entry.device, entry.fstype, entry.source
+
+
+def where_now(
+    recorded: Sequence[MountEntry], table: list[MountEntry] | None = None
+) -> list[MountEntry | None]:
+    """Each mount of ``recorded`` as it is now, wherever it is (None: gone), in one pass over the
+    table: a folder above it renamed (``mv``) takes the mount along, to another path.  The same
+    mount ID, device, type and source.  Once it is gone, the kernel gives its ID and device to
+    the next mounts at once: a FUSE mount found after its server has exited is another's if a
+    process serves it (`served_connections`)."""
+    now = {_identity(e): e for e in (read_mounts() if table is None else table)}
+    return [now.get(_identity(r)) for r in recorded]
+
+
 def same_mount(entry: MountEntry, table: list[MountEntry] | None = None) -> MountEntry | None:
-    """``entry``'s mount as it is now, wherever it is: a folder above it renamed (``mv``) takes
-    the mount along, to another path.  The same mount ID, device, type and source.  Once it is
-    gone, the kernel gives its ID and device to the next mounts at once: a FUSE mount found
-    after its server has exited is another's if a process serves it (`served_connections`)."""
-    for now in read_mounts() if table is None else table:
-        if now._replace(mount_point="") == entry._replace(mount_point=""):
-            return now
-    return None
+    """`where_now` of one mount."""
+    return where_now([entry], table)[0]
 
 
 def mount_at(path: str, mounts: list[MountEntry] | None = None) -> MountEntry | None:

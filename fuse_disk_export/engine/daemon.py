@@ -245,13 +245,13 @@ def _detach_new(
     there meanwhile (the application keeps its own invocations apart), and it is left alone.
     """
     table = mounts.read_mounts()
+    at = mounts.topmost(table)
     found = [
         entry
         for export in graph.exports
-        if (entry := mounts.mount_at(export.mountpoint, table)) is not None
-        and entry.mount_id not in before
+        if (entry := at.get(export.mountpoint)) is not None and entry.mount_id not in before
     ]
-    found += [e for r in recorded if (e := mounts.same_mount(r, table)) and e not in found]
+    found += [e for e in mounts.where_now(recorded, table) if e is not None and e not in found]
     detached = []
     served: set[int] | None = None
     for entry in found:
@@ -266,10 +266,8 @@ def _detach_new(
 
 
 def _mounted_now(graph: BlockGraph) -> set[int]:
-    table = mounts.read_mounts()
-    return {
-        e.mount_id for x in graph.exports if (e := mounts.mount_at(x.mountpoint, table)) is not None
-    }
+    at = mounts.topmost(mounts.read_mounts())
+    return {e.mount_id for x in graph.exports if (e := at.get(x.mountpoint)) is not None}
 
 
 def start(
@@ -392,16 +390,12 @@ def start_all(
         raise
     log.debug("live: %.1f ms after spawn", (time.monotonic() - started) * 1000)
     daemons = []
-    table = mounts.read_mounts()
+    at = mounts.topmost(mounts.read_mounts())
     for one in starting:
         one.spawned.stderr.release()
         assert one.greeting is not None
         daemon = Daemon(one.spawned, one.pidfd, one.graph, _version(one.greeting))
-        daemon.mounts = [
-            entry
-            for x in one.graph.exports
-            if (entry := mounts.mount_at(x.mountpoint, table)) is not None
-        ]
+        daemon.mounts = [e for x in one.graph.exports if (e := at.get(x.mountpoint)) is not None]
         daemons.append(daemon)
     if stopped is not None:
         stop_all(daemons)
@@ -442,13 +436,9 @@ class Unmounted:
         return self._fd
 
     def reason(self) -> str | None:
-        table = mounts.read_mounts()
-        gone = [
-            e.mount_point
-            for d in self._daemons
-            for e in d.mounts
-            if mounts.same_mount(e, table) is None
-        ]
+        recorded = [e for d in self._daemons for e in d.mounts]
+        now = mounts.where_now(recorded)
+        gone = [e.mount_point for e, there in zip(recorded, now, strict=True) if there is None]
         if not gone:
             return None
         for daemon in self._daemons:
