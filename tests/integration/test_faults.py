@@ -411,6 +411,8 @@ def test_two_invocations_started_together(fde: Runner, tmp_path: Path) -> None:
         os.kill(pid, signal.SIGINT)
         wait_for(lambda f=live[0]: not f.exists(), 30, "the pid file to go")  # type: ignore[misc]
         assert image_format(img) == "qcow2"
+        # It reaps its daemon after the pid file goes; the next round starts after its exit.
+        wait_for(lambda p=pid: pid_gone(p), 30, "the tool to exit")  # type: ignore[misc]
     qemu_img_check(img)
     assert_all_clean(tmp_path)
 
