@@ -138,8 +138,9 @@ class StderrTap:
         self._gone = tuple(os.fsencode(p) for p in paths)
 
     def quiet(self) -> None:
-        """From now on nothing is passed on (only logged for -v): what a process says after
-        its end was decided is a consequence, not news."""
+        """From now on nothing is passed on (only logged for -v), and the latest lines are
+        still kept for an error: what a process says after its end was decided is a consequence,
+        not news, and some programs say nothing but chatter (fusefat)."""
         self._quiet = True
 
     def _expected(self, line: bytes) -> bool:

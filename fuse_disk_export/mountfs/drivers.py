@@ -21,13 +21,18 @@ class Driver(NamedTuple):
     writes: bool
     #: Options that keep it in the foreground, so that it stays our child.
     foreground: tuple[str, ...]
+    #: It writes a line for each request it serves, which tells a user nothing: its stderr is
+    #: only logged (-v), and its last line is kept for an error.
+    chatty: bool = False
 
 
 DRIVERS: dict[str, Driver] = {
     "ext": Driver("ext", "fuse2fs", "fuse2fs", True, ("-f",)),
     "ntfs": Driver("ntfs", "ntfs-3g", "ntfs-3g", True, ("-o", "no_detach")),
     # fusefat writes only with "-o rw+", which its author calls experimental.
-    "vfat": Driver("vfat", "fusefat", "fusefat", False, ("-f",)),
+    # fusefat 1.0 writes "getattr(/)", "readdir(/)", the layout at each mount and, run read-only,
+    # a failed write-back of its table at each unmount ("write() error: Bad file descriptor").
+    "vfat": Driver("vfat", "fusefat", "fusefat", False, ("-f",), chatty=True),
     "iso9660": Driver("iso9660", "fuseiso", "fuseiso", False, ("-n", "-f")),
     "squashfs": Driver("squashfs", "squashfuse", "squashfuse", False, ("-f",)),
 }

@@ -183,6 +183,8 @@ def mounted(
     process, tap = start_child(
         _argv(program, driver, source, directory, read_only), pass_fds=pass_fds
     )
+    if driver.chatty:
+        tap.quiet()
     here = Mounted(directory, fs, driver, process, tap)
     try:
         here = here._replace(entry=_wait_mounted(directory, driver.program, process, tap))

@@ -163,6 +163,20 @@ def test_fat_is_read_only(fde: Runner, tmp_path: Path) -> None:
     _stop(pid_file, tmp_path)
 
 
+def test_fat_driver_chatter_is_left_out(fde: Runner, tmp_path: Path) -> None:
+    """fusefat writes a line for every request it serves ("getattr(/)"), the layout at each
+    mount and, run read-only, a failed write-back at each unmount ("write() error: Bad file
+    descriptor"): none of it reaches the user."""
+    image = filesystem_disk(tmp_path, "vfat")
+    directory = _mount_dir(tmp_path)
+    proc = fde.start_live("-r", "--mount-fs", str(directory), str(image))
+    assert is_mounted(directory)
+    assert os.listdir(directory) == [] and not (directory / "missing").exists()
+    err = fde.revert(proc)
+    assert err == "", err
+    assert_all_clean(tmp_path)
+
+
 def test_sigint_unmounts_both_layers(fde: Runner, tmp_path: Path) -> None:
     image = filesystem_disk(tmp_path, "ext4")
     directory = _mount_dir(tmp_path)
