@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from fuse_disk_export import stopsignals
-from fuse_disk_export.errors import FdeError, Interrupted
+from fuse_disk_export.errors import FdeError, Interrupted, limit_reached
 
 PROG = "fuse-disk-export"
 
@@ -239,6 +239,7 @@ def run_detached(work: Callable[[Reporter], int], *, log_stream: IO[str] | None 
         with context:
             status = work(reporter)
     except BaseException as e:  # the parent must hear something, whatever happened
+        e = limit_reached(e) or e
         if reporter.pending:
             reporter.failed(
                 e

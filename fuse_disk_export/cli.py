@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 from fuse_disk_export import __version__, logs, stopsignals
 from fuse_disk_export.engine.graph import AllowOther, Backing
-from fuse_disk_export.errors import FdeError, UsageError
+from fuse_disk_export.errors import FdeError, UsageError, limit_reached
 from fuse_disk_export.options import (
     AIO_MODES,
     ALLOW_OTHER_MODES,
@@ -454,7 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup_terminal(verbose=args.verbose, quiet=args.quiet)
     try:
-        return _run(args)
+        try:
+            return _run(args)
+        except (BlockingIOError, RuntimeError) as e:
+            if (error := limit_reached(e)) is None:
+                raise
+            raise error from e
     except FdeError as e:
         if args.verbose:
             log.exception("%s", e)

@@ -96,6 +96,20 @@ class RequirementError(FdeError):
     """Something this machine lacks: qemu-storage-daemon, /dev/fuse, fusermount3."""
 
 
+def limit_reached(e: BaseException) -> RequirementError | None:
+    """The error to show for a process or thread the system would not create (fork's EAGAIN,
+    Python's "can't start new thread"), or None for any other exception.  Wherever it happened,
+    whatever was set up has been undone on the way out."""
+    if isinstance(e, BlockingIOError) or (
+        isinstance(e, RuntimeError) and "can't start new thread" in str(e)
+    ):
+        return RequirementError(
+            "cannot start a process or thread: the limit on processes (ulimit -u) is reached, "
+            "or memory is short"
+        )
+    return None
+
+
 class Interrupted(FdeError):
     """A stop signal arrived before the work was done: at a prompt, while listing or stopping,
     or before every export was live (then everything was rolled back).

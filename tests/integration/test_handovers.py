@@ -8,6 +8,7 @@ with ``&``, at points of its start-up reached by waiting on conditions: its hand
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -261,12 +262,14 @@ def world(tmp_path: Path) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="fde-world-"))
     os.chmod(root, 0o755)
     lib = root / "lib"
+    import daemon
+    import lockfile
     import psutil as ps
 
     import fuse_disk_export
 
-    shutil.copytree(Path(fuse_disk_export.__file__).parent, lib / "fuse_disk_export")
-    shutil.copytree(Path(ps.__file__).parent, lib / "psutil")
+    for package in (fuse_disk_export, ps, daemon, lockfile):  # what -d needs too
+        shutil.copytree(Path(package.__file__).parent, lib / package.__name__)
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield root
@@ -318,6 +321,31 @@ def test_non_root_without_dev_fuse_access_is_told_why(
     line = one_line(result.stderr)
     assert "/dev/fuse" in line and "permission denied" in line and "0600" in line, line
     assert mounts.mount_at(str(img)) is None
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_the_process_limit_reached_is_one_line(
+    fde: Runner, world: Path, tmp_path: Path, background: bool
+) -> None:
+    """``ulimit -u`` reached (it binds only users other than root): whichever fork or thread
+    fails first (the daemon's, -d's), one line says so, and nothing is left."""
+    require(shutil.which("prlimit") is not None, "prlimit")
+    img = world / "u.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    img.chmod(0o666)
+    fuse = world / "fuse"  # the FUSE device, open to all in here only
+    os.mknod(fuse, 0o666 | stat.S_IFCHR, os.makedev(10, 229))
+    fuse.chmod(0o666)
+    pid_file = world / "u.pid"
+    args = ["-dp", str(pid_file), str(img)] if background else [str(img)]
+    result = _as_nobody(
+        world, f"mount --bind {fuse} /dev/fuse\nprlimit --pid $$ --nproc=1:1", *args
+    )
+    assert result.returncode == 1, result.stderr
+    line = one_line(result.stderr)
+    assert "ulimit -u" in line and "Traceback" not in line, line
+    assert mounts.mount_at(str(img)) is None and not pid_file.exists()
+    assert json.loads(qemu_img("info", "--output=json", str(img)))["format"] == "qcow2"
 
 
 def test_a_generic_qemu_error_carries_the_cause_it_printed(
