@@ -19,7 +19,7 @@ from fuse_disk_export.engine.graph import AllowOther, ImageSpec, Layer, Tuning, 
 from fuse_disk_export.errors import FdeError
 from fuse_disk_export.images import ImageOptions
 from fuse_disk_export.mountfs.drivers import DRIVERS
-from fuse_disk_export.preflight import FUSE_DEVICE
+from fuse_disk_export.preflight import FUSE_DEVICE, not_the_fuse_device
 from fuse_disk_export.registry import registry_dir
 
 FUSE_CONF = "/etc/fuse.conf"
@@ -60,8 +60,8 @@ def fuse_device(device: str = FUSE_DEVICE) -> Check:
     mode = stat.S_IMODE(st.st_mode)
     facts: dict[str, object] = {"mode": f"{mode:04o}", "uid": st.st_uid, "gid": st.st_gid}
     found = f"mode {mode:04o}, owner uid {st.st_uid} gid {st.st_gid}"
-    if not stat.S_ISCHR(st.st_mode):
-        return Check(device, False, f"not a character device ({found})", "mknod /dev/fuse c 10 229")
+    if (wrong := not_the_fuse_device(st)) is not None:
+        return Check(device, False, f"{wrong} ({found})", f"mknod {device} c 10 229 (as root)")
     if not os.access(device, os.R_OK | os.W_OK):
         return Check(
             device,
@@ -75,7 +75,7 @@ def fuse_device(device: str = FUSE_DEVICE) -> Check:
 
 def fusermount(*, root: bool) -> Check:
     """fusermount3 (and setuid root): what mounts FUSE without root."""
-    path = shutil.which("fusermount3")
+    path = mounts.fusermount()
     needed = not root
     if path is None:
         detail = "not found" + ("; root mounts without it" if root else "")

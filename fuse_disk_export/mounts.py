@@ -272,9 +272,21 @@ def process_name(pid: int) -> str | None:
         return None
 
 
+#: Where libfuse looks for fusermount3 before PATH (its FUSERMOUNT_DIR; Debian's fuse3), so
+#: QEMU mounts without root even where PATH lacks it.
+FUSERMOUNT = "/usr/bin/fusermount3"
+
+
+def fusermount() -> str | None:
+    """The fusermount3 that libfuse would run, or None."""
+    if os.access(FUSERMOUNT, os.X_OK):
+        return FUSERMOUNT
+    return shutil.which("fusermount3") or shutil.which("fusermount")
+
+
 def lazy_unmount(path: str) -> None:
     """Detach the mount on ``path`` even while files on it are open (``fusermount3 -u -z``)."""
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    tool = fusermount()
     if tool is None:
         raise RequirementError("fusermount3 not found (Debian package fuse3)", path=path)
     subprocess.run(

@@ -7,13 +7,28 @@ after a daemon has been started; here they are one line that names the missing p
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 
+from fuse_disk_export import mounts
 from fuse_disk_export.engine.process import find_binary
 from fuse_disk_export.errors import RequirementError
 
 FUSE_DEVICE = "/dev/fuse"
+
+
+#: The FUSE device's numbers (the kernel's misc device FUSE_MINOR).
+FUSE_RDEV = os.makedev(10, 229)
+
+
+def not_the_fuse_device(st: os.stat_result) -> str | None:
+    """What the file of ``st`` is instead of the FUSE device (a bind mount of /dev/null over
+    it, a regular file), or None: libfuse would fail with a bare EINVAL."""
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == FUSE_RDEV:
+        return None
+    if stat.S_ISCHR(st.st_mode):
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        return f"not the FUSE device: character device {major}:{minor}, not 10:229"
+    return "not the FUSE device: not a character device"
 
 
 def check_fuse(device: str = FUSE_DEVICE) -> None:
@@ -31,6 +46,8 @@ def check_fuse(device: str = FUSE_DEVICE) -> None:
         ) from None
     except OSError as e:
         raise RequirementError(f"cannot be used: {e.strerror}", path=device) from None
+    if (wrong := not_the_fuse_device(st)) is not None:
+        raise RequirementError(f"{wrong}; as root: mknod {device} c 10 229", path=device)
     if not os.access(device, os.R_OK | os.W_OK):
         mode = stat.S_IMODE(st.st_mode)
         raise RequirementError(
@@ -39,7 +56,7 @@ def check_fuse(device: str = FUSE_DEVICE) -> None:
             f"'chmod 0666 {device}', Debian's default",
             path=device,
         )
-    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+    if os.geteuid() != 0 and mounts.fusermount() is None:
         raise RequirementError(
             "fusermount3 not found: without root, FUSE mounts need it (Debian package fuse3)"
         )

@@ -136,7 +136,7 @@ def unmount(mounted: Mounted) -> None:
     directory = now.mount_point if now is not None else mounted.directory
     if process.poll() is None and now is not None:
         result = subprocess.run(
-            ["fusermount3", "-u", directory],
+            [mounts.fusermount() or "fusermount3", "-u", directory],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
