@@ -173,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
 def bash() -> str:
     text = shtab.complete(_parser(), shell="bash")
     # bash-completion loads a file by the command's name; the alias shares this one once loaded.
-    return text + f"complete -o bashdefault -F _shtab_fuse_disk_export {ALIAS}\n"
+    # shtab's text does not end its last line.
+    return text.rstrip("\n") + f"\ncomplete -o bashdefault -F _shtab_fuse_disk_export {ALIAS}\n"
 
 
 def zsh() -> str:

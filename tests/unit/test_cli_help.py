@@ -4,12 +4,20 @@ into share/ (docgen), know every option in bash, zsh and fish."""
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from fuse_disk_export.cli import build_parser
-from tests.helpers.completion import SCRIPTS, check_syntax, complete, complete_fish
+from tests.helpers.completion import (
+    COMPLETION,
+    SCRIPTS,
+    check_syntax,
+    complete,
+    complete_fish,
+)
 
 # Named in the usage line or in another option's help.
 HIDDEN = {"-h", "--help", "-V", "--version", "-n", "--nocache", "--json"}
@@ -37,6 +45,19 @@ def test_completion_offers_every_option() -> None:
     assert wanted <= offered, f"missing from the completion: {sorted(wanted - offered)}"
     assert offered <= wanted, f"no longer options: {sorted(offered - wanted)}"
     assert complete("--back") == ["--backing"]
+
+
+def test_bash_completion_is_registered_for_both_names() -> None:
+    """Sourced as bash-completion loads it: the function is bound to the command and to the
+    alias (a missing newline once glued the two ``complete`` lines into one)."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is missing")
+    script = f"source {COMPLETION}\ncomplete -p fuse-disk-export qemu-fuse-disk-export.py\n"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        f"complete -o bashdefault -F _shtab_fuse_disk_export {name}"
+        for name in ("fuse-disk-export", "qemu-fuse-disk-export.py")
+    ], out
 
 
 @pytest.mark.parametrize(
