@@ -17,6 +17,7 @@ tied, as Linux ties a parent-death signal, to the thread that entered the block.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,10 @@ from fuse_disk_export.engine.graph import AllowOther, Backing
 from fuse_disk_export.options import Aio, Cache, DetectZeroes, Discard, Options
 
 PathLike = str | os.PathLike[str]
+
+# A library prints nothing unless its caller configures logging: without a handler of ours,
+# logging's last resort would print our warnings to stderr.
+logging.getLogger("fuse_disk_export").addHandler(logging.NullHandler())
 
 
 class ExportOptions(TypedDict, total=False):
@@ -72,12 +77,17 @@ def _options(
 
 @contextlib.contextmanager
 def _exported(options: Options) -> Iterator[list[Path]]:
+    from fuse_disk_export import engine
     from fuse_disk_export.lifecycle import live
     from fuse_disk_export.request import build_request
 
     request = build_request(options)
-    with live(request, register=False):
+    with live(request, register=False) as now:
         yield [Path(r.spec.mountpoint) for r in request.images]
+        # The block went well: unless a daemon died under it (what was written since is lost).
+        for daemon in now.daemons:
+            if (error := engine.died(daemon)) is not None:
+                raise error
 
 
 @contextlib.contextmanager
@@ -93,6 +103,8 @@ def exported_many(
 
     :raise FdeError: (and its subclasses, `ImageError`, `QemuError`, ...) nothing could be
         exported; nothing is left of the attempt.
+    :raise QemuError: on leaving the block, which raised nothing: a daemon died in it (the
+        others are stopped as usual).
     """
     with _exported(_options(images, None, mountpoint_dir, options)) as paths:
         yield paths
@@ -110,6 +122,7 @@ def exported(
     is ``-m``.
 
     :raise FdeError: (and its subclasses) nothing could be exported; nothing is left of it.
+    :raise QemuError: on leaving the block, which raised nothing: the daemon died in it.
     """
     with _exported(_options((image,), mountpoint, None, options)) as paths:
         yield paths[0]

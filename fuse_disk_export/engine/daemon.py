@@ -476,16 +476,25 @@ def serve(*daemons: Daemon, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
                 return exports, why
             waiter.pump(ready)
             for daemon in daemons:
-                if daemon._pidfd in ready:
-                    status = daemon.process.wait()
-                    left = _detach_new(daemon.graph, set(), daemon.mounts)
-                    log.debug("detached the dead mounts on %s", ", ".join(left))
-                    raise QemuError(
-                        f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while "
-                        f"serving; unmounted {', '.join(daemon.mountpoints)}"
-                    )
+                if daemon._pidfd in ready and (error := died(daemon)) is not None:
+                    raise error
     finally:
         exports.close()
+
+
+def died(daemon: Daemon) -> QemuError | None:
+    """The error of a daemon that has died while serving, once its dead mounts are detached;
+    None while it runs.  `serve` raises it; a caller that serves in its own way (the Python
+    API's ``with`` block) asks before it stops the daemon."""
+    status = daemon.process.poll()
+    if status is None or daemon._terminated:
+        return None
+    left = _detach_new(daemon.graph, set(), daemon.mounts)
+    log.debug("detached the dead mounts on %s", ", ".join(left))
+    return QemuError(
+        f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while serving; "
+        f"unmounted {', '.join(daemon.mountpoints)}"
+    )
 
 
 def stop_all(daemons: Sequence[Daemon], *, reap: bool = True) -> None:

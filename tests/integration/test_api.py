@@ -109,3 +109,38 @@ def test_no_mount_is_left_when_the_caller_is_killed(tmp_path: Path, qemu_tools: 
             proc.wait()
     os.stat(view)  # not a dead mount
     assert_all_clean(tmp_path)
+
+
+DIES = """
+import os, signal, sys
+from fuse_disk_export import exported
+from fuse_disk_export.errors import QemuError
+from tests.helpers.checks import daemons_using
+from tests.helpers.runner import pid_gone, wait_for
+try:
+    with exported(sys.argv[1]) as raw:
+        (daemon,) = daemons_using(raw.parent)
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: pid_gone(daemon), 5, "the daemon to die")
+except QemuError as e:
+    print(e)
+"""
+
+
+def test_a_daemon_dead_in_the_block_is_an_error_on_leaving_it(
+    tmp_path: Path, qemu_tools: None
+) -> None:
+    """What was written in the block after the death is lost: leaving it raises, as the command
+    line exits 1, and, the caller having configured no logging, nothing is printed."""
+    img = make(tmp_path / "a.qcow2")
+    result = subprocess.run(
+        [sys.executable, "-c", DIES, str(img)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == 0 and result.stderr == "", result
+    assert "killed by SIGKILL while serving" in result.stdout, result
+    assert not is_mounted(img) and image_format(img) == "qcow2"
+    assert_all_clean(tmp_path)
