@@ -107,7 +107,9 @@ def live(
         _check(watch)
         since = time.time()
         if request.filesystem is not None:
-            # Removed last: the export's file in it goes first.
+            # Ours alone (0700; an existing name fails).  Removed last: the export's file in it
+            # goes first.
+            os.mkdir(request.filesystem.private_dir, 0o700)
             cleanup.callback(shutil.rmtree, request.filesystem.private_dir, ignore_errors=True)
         for r in request.images:
             if r.creates_mountpoint:

@@ -22,7 +22,8 @@ class FsPlan(NamedTuple):
     directory: str
     fs: str
     read_only: bool
-    #: The private folder of the export's file, removed on revert.
+    #: The private folder of the export's file: made by the setup (``lifecycle.live``), which
+    #: removes it again, so that nothing is left of a request that is never set up.
     private_dir: str
 
 
@@ -119,7 +120,7 @@ def with_filesystem(
     mount.find_driver(fs)
     table_slice = partition_slice(disk.table, number, r.spec.image) if number is not None else None
     # The image is resolved already: only where it is exported changes, to a file of our own.
-    private = tempfile.mkdtemp(prefix="fuse-disk-export-fs-")
+    private = os.path.join(tempfile.gettempdir(), f"fuse-disk-export-fs-{os.urandom(6).hex()}")
     spec = r.spec._replace(mountpoint=os.path.join(private, "disk.raw"), slice=table_slice)
     view = r._replace(spec=spec, creates_mountpoint=True)
     return [view], FsPlan(directory, fs, read_only, private)

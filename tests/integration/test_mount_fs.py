@@ -11,13 +11,15 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from fuse_disk_export import mounts
+from fuse_disk_export import cli, mounts
+from fuse_disk_export.request import build_request
 from tests.helpers.checks import assert_all_clean, is_mounted
 from tests.helpers.disks import tool
 from tests.helpers.images import image_format, qemu_img
@@ -353,3 +355,20 @@ def test_logical_partition_5(fde: Runner, tmp_path: Path) -> None:
     directory, pid_file = _files_ready(fde, tmp_path, "-r", "-P", "5", str(image))
     assert (directory / "five.txt").read_text() == "in partition 5\n"
     _stop(pid_file, tmp_path)
+
+
+def test_a_request_never_set_up_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export's private folder is made by the setup, which removes it: a stop signal
+    between the request and the setup left it behind."""
+    image = filesystem_disk(tmp_path, "ext4")
+    directory = _mount_dir(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    args = cli.build_parser().parse_args(["--mount-fs", str(directory), str(image)])
+    request = build_request(cli.options_from(args), ask_passphrase=None)
+    assert request.filesystem is not None
+    assert request.filesystem.private_dir.startswith(str(scratch) + "/")
+    assert list(scratch.iterdir()) == []
