@@ -154,20 +154,42 @@ def _regular_file(
         raise error(f"{prefix}is empty (0 bytes); nothing to export", path=about)
 
 
+#: Without root, FUSE mounts go through fusermount3, which mounts only on a file the user may
+#: write: a read-only image is then exported read-only onto another file.
+_READ_ONLY_ADVICE = "use -r to export it read-only"
+_READ_ONLY_ADVICE_USER = (
+    "use -r -m FILE to export it read-only onto a file of yours (without root, mounting on a "
+    "file needs write access to it)"
+)
+
+
+def _read_only_advice() -> str:
+    return _READ_ONLY_ADVICE if os.geteuid() == 0 else _READ_ONLY_ADVICE_USER
+
+
 def _check_writable(path: str) -> None:
     mode = os.stat(path).st_mode
     # Root may write anything; a file with no write bit was still meant to stay read-only.
     if not mode & 0o222:
-        raise ImageError(
-            "is read-only (no write permission); use -r to export it read-only", path=path
-        )
+        raise ImageError(f"is read-only (no write permission); {_read_only_advice()}", path=path)
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError as e:
         raise ImageError(
-            f"is not writable ({e.strerror}); use -r to export it read-only", path=path
+            f"is not writable ({e.strerror}); {_read_only_advice()}", path=path
         ) from None
     os.close(fd)
+
+
+def _check_mount_access(path: str) -> None:
+    """Without root, fusermount3 mounts only on a file we may write (QEMU's error would be its
+    bare "failed to open ...: Permission denied")."""
+    if os.geteuid() != 0 and not os.access(path, os.W_OK):
+        raise MountError(
+            "without root, mounting on a file needs write access to it (fusermount3); "
+            "export it onto a file of yours: -r -m FILE",
+            path=path,
+        )
 
 
 def _check_mountpoint(path: str) -> bool:
@@ -463,6 +485,8 @@ def resolve(
     if overlay is not None and os.path.realpath(overlay) == os.path.realpath(target):
         raise UsageError("--overlay and the mount point must be different files", path=overlay)
     creates = target != real and _check_mountpoint(target)
+    if not creates:
+        _check_mount_access(target)
     spec = ImageSpec(
         image=real,
         layers=(Layer(real, fmt, read_only=opened_read_only), *chain),

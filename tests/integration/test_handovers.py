@@ -314,7 +314,7 @@ def test_non_root_without_dev_fuse_access_is_told_why(
     img.chmod(0o666)
     # Whatever /dev/fuse's mode on this machine, in here it is root's alone.
     locked = world / "fuse-0600"
-    locked.write_bytes(b"")
+    os.mknod(locked, 0o600 | stat.S_IFCHR, os.makedev(10, 229))
     locked.chmod(0o600)
     result = _as_nobody(world, f"mount --bind {locked} /dev/fuse", str(img))
     assert result.returncode == 1, result.stderr
@@ -346,6 +346,25 @@ def test_the_process_limit_reached_is_one_line(
     assert "ulimit -u" in line and "Traceback" not in line, line
     assert mounts.mount_at(str(img)) is None and not pid_file.exists()
     assert json.loads(qemu_img("info", "--output=json", str(img)))["format"] == "qcow2"
+
+
+def test_non_root_read_only_image_is_told_to_export_it_elsewhere(
+    fde: Runner, world: Path, tmp_path: Path
+) -> None:
+    """fusermount3 mounts only on a file the user may write: for root's read-only image, both
+    the writable refusal and -r point at -r -m FILE (-r alone failed in fusermount3)."""
+    img = world / "ro.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    img.chmod(0o644)
+    fuse = world / "fuse"
+    os.mknod(fuse, 0o666 | stat.S_IFCHR, os.makedev(10, 229))
+    fuse.chmod(0o666)
+    for args in ([str(img)], ["-r", str(img)]):
+        result = _as_nobody(world, f"mount --bind {fuse} /dev/fuse", *args)
+        assert result.returncode == 1, result.stderr
+        line = one_line(result.stderr)
+        assert "-r -m FILE" in line and str(img) in line, line
+    assert mounts.mount_at(str(img)) is None
 
 
 def test_a_generic_qemu_error_carries_the_cause_it_printed(
