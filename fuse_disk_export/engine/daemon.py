@@ -416,7 +416,12 @@ def _died(spawned: Spawned, graph: BlockGraph, before: set[int], stopped: str | 
     error = explain(lines, graph)
     if error is None:
         said = f": {lines[-1]}" if lines else ""
-        error = QemuError(f"qemu-storage-daemon {describe_exit(status)} during setup{said}")
+        # A crash (an assertion in a format driver) names no option; with one image, it is that.
+        images = {e.image for e in graph.exports}
+        error = QemuError(
+            f"qemu-storage-daemon {describe_exit(status)} during setup{said}",
+            path=images.pop() if len(images) == 1 else None,
+        )
     return error
 
 

@@ -141,6 +141,22 @@ def test_qcow2_table_past_the_end(fde: Runner, tmp_path: Path, table: str, offse
     refuse(fde, str(img), path=img, reason=f"qcow2 {table} table lies past the end of the file")
 
 
+def test_a_format_driver_crash_names_the_image(fde: Runner, tmp_path: Path) -> None:
+    """A parallels header extension at offset 0: QEMU 7.2's driver aborts (an assertion), later
+    QEMUs refuse the image; either way the one line names it, and nothing is left."""
+    img = tmp_path / "disk.parallels"
+    qemu_img("create", "-q", "-f", "parallels", str(img), "64M")
+    with open(img, "r+b") as f:
+        f.seek(62)
+        f.write(b"\xff")
+    before = sha256(img)
+    result = fde.run("-r", str(img))
+    assert result.returncode == 1, result.stderr
+    assert one_line(result.stderr).startswith(f"fuse-disk-export: {img}: "), result.stderr
+    assert sha256(img) == before
+    assert_all_clean(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # -f that does not match
 
