@@ -352,6 +352,15 @@ def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
             )
         if fmt == "luks" or below.encrypted:
             raise BackingError(f"backing file {ref!r} is encrypted; not supported", path=owner)
+        if fmt == "raw" and os.path.dirname(path) != os.path.dirname(owner):
+            # Any file's bytes, exported as they are (a hostile image naming /etc/shadow would
+            # show it): confined as data files and extents are.  An image of another format
+            # must parse as one, and only what it describes is read.
+            raise BackingError(
+                f"backing file {ref!r} is a raw file outside the image's folder; refused "
+                "(--backing=any lets QEMU follow it)",
+                path=owner,
+            )
         if fmt == "vmdk":
             _check_extents(path, "safe")  # opened read-only: only the policy matters here
         layers.append(Layer(path, fmt, read_only=True))

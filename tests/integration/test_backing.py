@@ -368,6 +368,45 @@ def test_a_backing_file_of_the_kernel_is_refused(fde: Runner, tmp_path: Path, ta
     assert target in line and "filesystem, not an image" in line, line
 
 
+@pytest.mark.parametrize("how", ["absolute", "relative", "symlink beside", "probed"])
+def test_a_raw_backing_file_outside_the_folder_is_refused(
+    fde: Runner, tmp_path: Path, how: str
+) -> None:
+    """A raw backing file is any file's bytes: a hostile image naming /etc/shadow would show it
+    to whoever reads the export.  Confined to the image's folder, as data files and extents are."""
+    secret = tmp_path / "etc" / "shadow"
+    secret.parent.mkdir()
+    secret.write_bytes(b"root:$y$secret:19000:0:99999:7:::\n" * 64)
+    images = tmp_path / "images"
+    images.mkdir()
+    ref = {"absolute": str(secret), "relative": "../etc/shadow", "probed": str(secret)}.get(
+        how, "shadow"
+    )
+    if how == "symlink beside":
+        (images / "shadow").symlink_to(secret)
+    top = images / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", ref, "-F", "raw", str(top), "1M")
+    if how == "probed":  # no backing format in the header: an unknown extension instead
+        header = top.read_bytes()[:4096]
+        at = header.index(b"\xe2\x79\x2a\xca")
+        with open(top, "r+b") as f:
+            f.seek(at)
+            f.write(b"\x12\x34\x56\x78")
+        assert "backing file format" not in qemu_img("info", str(top))
+    line = refused(fde, "-r", image=top)
+    assert "is a raw file outside the image's folder" in line and "--backing=any" in line, line
+
+
+def test_a_raw_backing_file_beside_the_image_is_followed(fde: Runner, tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x42" * MiB)
+    top = overlay(tmp_path / "top.qcow2", "base.raw", "raw", size="1M")
+    proc = fde.start_live("-r", str(top))
+    assert top.read_bytes()[:4096] == b"\x42" * 4096
+    fde.revert(proc)
+    assert_all_clean(tmp_path)
+
+
 def test_hard_links_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
     """Two names of one file: exported once writable would be twice QEMU's lock."""
     one = make_qcow2(tmp_path / "one.qcow2", "64M")
