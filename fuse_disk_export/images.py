@@ -340,6 +340,12 @@ def _walk_chain(top: str, info: detect.ImageInfo) -> tuple[Layer, ...]:
         _regular_file(path, error=BackingError, what=what, owner=owner)
         below = _probe(path, error=BackingError, what=what, owner=owner)
         fmt = current.backing_format or below.format
+        if fmt not in ("raw", below.format) and below.format != "raw":
+            # QEMU would fail on it naming the backing file; the header that says so is ours.
+            raise BackingError(
+                f"backing file {ref!r} is a {below.format} image, but the header names it {fmt}",
+                path=owner,
+            )
         if fmt != below.format:
             # The header names the format (e.g. raw): QEMU opens it as that and follows nothing
             # from its content.

@@ -407,6 +407,15 @@ def test_a_raw_backing_file_beside_the_image_is_followed(fde: Runner, tmp_path: 
     assert_all_clean(tmp_path)
 
 
+def test_a_backing_format_that_does_not_match_names_the_image(
+    fde: Runner, tmp_path: Path
+) -> None:
+    make_qcow2(tmp_path / "base.qcow2", "16M")
+    top = overlay(tmp_path / "top.qcow2", str(tmp_path / "base.qcow2"), "vmdk")
+    line = refused(fde, "-r", image=top)
+    assert "is a qcow2 image, but the header names it vmdk" in line, line
+
+
 def test_hard_links_in_one_invocation(fde: Runner, tmp_path: Path) -> None:
     """Two names of one file: exported once writable would be twice QEMU's lock."""
     one = make_qcow2(tmp_path / "one.qcow2", "64M")
