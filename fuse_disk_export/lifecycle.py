@@ -263,6 +263,11 @@ def serve(
             try:
                 by, why = engine.serve(*now.daemons, watch=watched)
             except QemuError as e:
+                if now.filesystem is not None:
+                    # Its reads fail from now on ("fuse: bad error value"): a consequence.  The
+                    # user knows the export by the folder, not by our private file.
+                    now.filesystem.stderr.quiet()
+                    raise QemuError(e.reason, path=now.filesystem.directory) from None
                 if len(now.daemons) == 1:
                     raise
                 # Every daemon's death ends the serving: all or nothing, as the setup was.

@@ -20,7 +20,7 @@ import pytest
 
 from fuse_disk_export import cli, mounts
 from fuse_disk_export.request import build_request
-from tests.helpers.checks import assert_all_clean, is_mounted
+from tests.helpers.checks import assert_all_clean, is_mounted, one_line
 from tests.helpers.disks import tool
 from tests.helpers.images import image_format, qemu_img
 from tests.helpers.runner import Runner, pid_gone, wait_for
@@ -257,6 +257,25 @@ def test_a_killed_layer_leaves_no_dead_mount(fde: Runner, tmp_path: Path, victim
     os.stat(directory)  # not "Transport endpoint is not connected"
     assert not pid_file.exists()
     assert_all_clean(tmp_path, pid_files=(pid_file,))
+
+
+def test_a_killed_daemon_under_the_filesystem_is_one_line(fde: Runner, tmp_path: Path) -> None:
+    """What the driver says once its disk is gone (fuse2fs: "Transport endpoint is not
+    connected while closing fs") is a consequence: only the tool's line is shown."""
+    image = filesystem_disk(tmp_path, "ext4")
+    directory = _mount_dir(tmp_path)
+    proc = fde.start_live("--mount-fs", str(directory), str(image))
+    (daemon,) = [
+        c.pid for c in psutil.Process(proc.pid).children() if c.name().startswith("qemu-st")
+    ]
+    os.kill(daemon, signal.SIGKILL)
+    status = proc.wait(timeout=30)
+    err = proc.stderr.read() if proc.stderr else ""
+    assert status == 1, err
+    line = one_line(err)
+    assert line.startswith(f"fuse-disk-export: {directory}: ") and "killed by SIGKILL" in line, err
+    assert not is_mounted(directory)
+    assert_all_clean(tmp_path)
 
 
 def test_choice_of_partition(fde: Runner, tmp_path: Path) -> None:
