@@ -306,16 +306,24 @@ def _as_nobody(world: Path, script: str, *args: str) -> subprocess.CompletedProc
     )
 
 
+def _image_and_fuse(world: Path, name: str, image_mode: int, fuse_mode: int) -> tuple[Path, Path]:
+    """A 16 MiB qcow2 of ``image_mode``, and a FUSE device node of ``fuse_mode`` to bind over
+    /dev/fuse in the namespace (whatever the machine's own mode)."""
+    img = world / name
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    img.chmod(image_mode)
+    fuse = world / f"fuse-{fuse_mode:04o}"
+    if not fuse.exists():
+        os.mknod(fuse, fuse_mode | stat.S_IFCHR, os.makedev(10, 229))
+        fuse.chmod(fuse_mode)
+    return img, fuse
+
+
 def test_non_root_without_dev_fuse_access_is_told_why(
     fde: Runner, world: Path, tmp_path: Path
 ) -> None:
-    img = world / "b.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
-    img.chmod(0o666)
     # Whatever /dev/fuse's mode on this machine, in here it is root's alone.
-    locked = world / "fuse-0600"
-    os.mknod(locked, 0o600 | stat.S_IFCHR, os.makedev(10, 229))
-    locked.chmod(0o600)
+    img, locked = _image_and_fuse(world, "b.qcow2", 0o666, 0o600)
     result = _as_nobody(world, f"mount --bind {locked} /dev/fuse", str(img))
     assert result.returncode == 1, result.stderr
     line = one_line(result.stderr)
@@ -330,12 +338,7 @@ def test_the_process_limit_reached_is_one_line(
     """``ulimit -u`` reached (it binds only users other than root): whichever fork or thread
     fails first (the daemon's, -d's), one line says so, and nothing is left."""
     require(shutil.which("prlimit") is not None, "prlimit")
-    img = world / "u.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
-    img.chmod(0o666)
-    fuse = world / "fuse"  # the FUSE device, open to all in here only
-    os.mknod(fuse, 0o666 | stat.S_IFCHR, os.makedev(10, 229))
-    fuse.chmod(0o666)
+    img, fuse = _image_and_fuse(world, "u.qcow2", 0o666, 0o666)
     pid_file = world / "u.pid"
     args = ["-dp", str(pid_file), str(img)] if background else [str(img)]
     result = _as_nobody(
@@ -353,12 +356,7 @@ def test_non_root_read_only_image_is_told_to_export_it_elsewhere(
 ) -> None:
     """fusermount3 mounts only on a file the user may write: for root's read-only image, both
     the writable refusal and -r point at -r -m FILE (-r alone failed in fusermount3)."""
-    img = world / "ro.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
-    img.chmod(0o644)
-    fuse = world / "fuse"
-    os.mknod(fuse, 0o666 | stat.S_IFCHR, os.makedev(10, 229))
-    fuse.chmod(0o666)
+    img, fuse = _image_and_fuse(world, "ro.qcow2", 0o644, 0o666)
     for args in ([str(img)], ["-r", str(img)]):
         result = _as_nobody(world, f"mount --bind {fuse} /dev/fuse", *args)
         assert result.returncode == 1, result.stderr
