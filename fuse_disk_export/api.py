@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypedDict, Unpack
@@ -77,17 +78,24 @@ def _options(
 
 @contextlib.contextmanager
 def _exported(options: Options) -> Iterator[list[Path]]:
-    from fuse_disk_export import engine
+    from fuse_disk_export.engine.process import describe_exit
+    from fuse_disk_export.errors import QemuError
     from fuse_disk_export.lifecycle import live
     from fuse_disk_export.request import build_request
 
     request = build_request(options)
     with live(request, register=False) as now:
         yield [Path(r.spec.mountpoint) for r in request.images]
-        # The block went well: unless a daemon died under it (what was written since is lost).
-        for daemon in now.daemons:
-            if (error := engine.died(daemon)) is not None:
-                raise error
+    # The block went well, unless a daemon died under it (what was written since is lost): by
+    # now each is reaped, and our SIGTERM ends it with status 0 (QEMU 11) or by that signal
+    # (7.2); a daemon still exiting when the block ended counts too.
+    for daemon in now.daemons:
+        status = daemon.process.returncode
+        if status not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
+            raise QemuError(
+                f"qemu-storage-daemon (pid {daemon.pid}) {describe_exit(status)} while serving; "
+                f"unmounted {', '.join(daemon.mountpoints)}"
+            )
 
 
 @contextlib.contextmanager

@@ -481,18 +481,17 @@ def serve(*daemons: Daemon, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
                 return exports, why
             waiter.pump(ready)
             for daemon in daemons:
-                if daemon._pidfd in ready and (error := died(daemon)) is not None:
+                if daemon._pidfd in ready and (error := _died_serving(daemon)) is not None:
                     raise error
     finally:
         exports.close()
 
 
-def died(daemon: Daemon) -> QemuError | None:
-    """The error of a daemon that has died while serving, once its dead mounts are detached;
-    None while it runs.  `serve` raises it; a caller that serves in its own way (the Python
-    API's ``with`` block) asks before it stops the daemon."""
+def _died_serving(daemon: Daemon) -> QemuError | None:
+    """The error of a daemon that has died while serving (its pidfd turned readable), once its
+    dead mounts are detached; None if it has not."""
     status = daemon.process.poll()
-    if status is None or daemon._terminated:
+    if status is None:
         return None
     left = _detach_new(daemon.graph, set(), daemon.mounts)
     log.debug("detached the dead mounts on %s", ", ".join(left))
