@@ -328,6 +328,8 @@ def image(path: str, options: ImageOptions) -> Check:
             return Check(path, False, e.reason if e.path else str(e), _IMAGE_REMEDY)
     spec, info = resolved.spec, resolved.info
     read_only = not spec.writable
+    # What an export would say once live, too.
+    said = [*warnings.messages, *([f"{spec.image}: {resolved.note}"] if resolved.note else [])]
     facts: dict[str, object] = {
         "path": spec.image,
         "format": spec.layers[0].format,
@@ -335,7 +337,7 @@ def image(path: str, options: ImageOptions) -> Check:
         "backing": list(resolved.chain),
         "encrypted": info.encrypted,
         "read_only": read_only,
-        "warnings": warnings.messages,
+        "warnings": said,
     }
     size = f"{info.virtual_size} bytes" if info.virtual_size is not None else "size unknown"
     parts = [spec.layers[0].format, size]
@@ -346,7 +348,7 @@ def image(path: str, options: ImageOptions) -> Check:
     if info.encrypted:
         parts.append("encrypted (a passphrase is asked for)")
     if read_only:
-        why = "; ".join(warnings.messages) or "as asked"
+        why = "; ".join(said) or "as asked"
         parts.append(f"exported read-only: {why}")
     else:
         parts.append("exported writable")

@@ -68,6 +68,9 @@ class Resolved(NamedTuple):
     creates_mountpoint: bool = False
     #: ``spec.overlay`` does not exist yet: create it over the image, of this virtual size.
     new_overlay_size: int | None = None
+    #: Why it is exported read-only though asked writable: said once it is live (said before, it
+    #: would come as a second line with QEMU's refusal of a bad image).
+    note: str | None = None
 
 
 def as_made(r: Resolved) -> ImageSpec:
@@ -466,14 +469,14 @@ def resolve(
             read_only = True
     writes_elsewhere = options.snapshot or options.overlay is not None
     why_read_only = _why_read_only(real, fmt, info if probed else None, backing)
+    note = None
     if why_read_only and not read_only and not writes_elsewhere:
         # Not refused: reading is what most users of such images want, and writes then fail
         # (EROFS, or EACCES on older QEMUs) before they reach the image (README "Which images
         # are written").
-        log.warning(
-            "%s: %s; exporting read-only (-s or --overlay FILE take writes without touching it)",
-            real,
-            why_read_only,
+        note = (
+            f"{why_read_only}; exporting read-only (-s or --overlay FILE take writes without "
+            "touching it)"
         )
         read_only = True
     opened_read_only = read_only or writes_elsewhere
@@ -516,7 +519,8 @@ def resolve(
         odd_sized=_odd_sized([real, *(layer.path for layer in chain), data_file]),
         size=info.virtual_size if probed else None,
     )
-    return Resolved(spec, info, tuple(layer.path for layer in chain), creates, new_overlay_size)
+    chained = tuple(layer.path for layer in chain)
+    return Resolved(spec, info, chained, creates, new_overlay_size, note)
 
 
 def resolve_all(images: Sequence[str], options: ImageOptions) -> list[Resolved]:

@@ -177,6 +177,9 @@ def live(
             graphs, daemons = start(tuning)
         started += daemons
         cleanup.callback(engine.stop_all, daemons, reap=False)
+        for r in request.images:
+            if r.note:
+                log.warning("%s: %s", r.spec.image, r.note)
         chosen = choices.describe(graphs[0], tuning, info)
         log.info("QEMU %s", ", ".join(f"{k} {v}" for k, v in chosen.items()))
         if len(daemons) > 1:
