@@ -28,7 +28,7 @@ from fuse_disk_export import (
 from fuse_disk_export.engine import limits, qemuinfo, writeguard
 from fuse_disk_export.engine.graph import BlockGraph, Tuning, may_read_short, single_queue_image
 from fuse_disk_export.engine.process import find_binary
-from fuse_disk_export.errors import Interrupted, MountError, QemuError, UsageError
+from fuse_disk_export.errors import FsError, Interrupted, MountError, QemuError, UsageError
 from fuse_disk_export.prepare import ImageExtras, prepare_images
 from fuse_disk_export.request import ExportRequest
 
@@ -109,7 +109,13 @@ def live(
         if request.filesystem is not None:
             # Ours alone (0700; an existing name fails).  Removed last: the export's file in it
             # goes first.
-            os.mkdir(request.filesystem.private_dir, 0o700)
+            try:
+                os.mkdir(request.filesystem.private_dir, 0o700)
+            except OSError as e:
+                raise FsError(
+                    f"cannot make the export's private folder: {e.strerror}",
+                    path=request.filesystem.private_dir,
+                ) from None
             cleanup.callback(shutil.rmtree, request.filesystem.private_dir, ignore_errors=True)
         for r in request.images:
             if r.creates_mountpoint:
