@@ -147,7 +147,10 @@ def _regular_file(
         raise error(f"{prefix}is a directory, not an image file", path=about)
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{prefix}is not a regular file (a device or special file)", path=about)
-    kind = mounts.filesystem_of(os.path.realpath(path))
+    # The kernel's filesystems are all on anonymous devices (major 0): a file on a disk's
+    # filesystem needs no look at the mount table (a scan of it per file, with thousands of
+    # exports mounted).
+    kind = mounts.filesystem_of(os.path.realpath(path)) if os.major(st.st_dev) == 0 else None
     if kind in mounts.KERNEL_FILESYSTEMS:
         # A backing file /proc/self/environ would show our environment in the export.
         why = f"is a file of the kernel's {kind} filesystem, not an image"

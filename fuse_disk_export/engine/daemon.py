@@ -481,18 +481,16 @@ def serve(*daemons: Daemon, watch: Sequence[Watch] = ()) -> tuple[Watch, str]:
                 return exports, why
             waiter.pump(ready)
             for daemon in daemons:
-                if daemon._pidfd in ready and (error := _died_serving(daemon)) is not None:
-                    raise error
+                if daemon._pidfd in ready:
+                    raise _died_serving(daemon)
     finally:
         exports.close()
 
 
-def _died_serving(daemon: Daemon) -> QemuError | None:
-    """The error of a daemon that has died while serving (its pidfd turned readable), once its
-    dead mounts are detached; None if it has not."""
-    status = daemon.process.poll()
-    if status is None:
-        return None
+def _died_serving(daemon: Daemon) -> QemuError:
+    """The error of a daemon that has died while serving (its pidfd turned readable), once it
+    is reaped and its dead mounts are detached."""
+    status = daemon.process.wait()
     left = _detach_new(daemon.graph, set(), daemon.mounts)
     log.debug("detached the dead mounts on %s", ", ".join(left))
     return QemuError(
