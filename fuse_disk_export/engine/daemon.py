@@ -30,7 +30,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from fuse_disk_export import mounts
@@ -507,14 +507,24 @@ def stop_all(daemons: Sequence[Daemon], *, reap: bool = True) -> None:
     """
     for daemon in daemons:
         _terminate(daemon)
-    for daemon in daemons:
-        stop(daemon, reap=reap)
+    _each(daemons, lambda daemon: stop(daemon, reap=reap))
 
 
 def reap_all(daemons: Sequence[Daemon]) -> None:
     """Wait for the exit of every daemon `stop_all` stopped without reaping."""
+    _each(daemons, stop)
+
+
+def _each(daemons: Sequence[Daemon], step: Callable[[Daemon], object]) -> None:
+    """``step`` every daemon, even after one failed; then raise the first failure."""
+    failed: list[QemuError] = []
     for daemon in daemons:
-        stop(daemon)
+        try:
+            step(daemon)
+        except QemuError as e:
+            failed.append(e)
+    if failed:
+        raise failed[0]
 
 
 def _terminate(daemon: Daemon) -> bool:
@@ -588,10 +598,13 @@ def stop(daemon: Daemon, timeout: float = STOP_TIMEOUT, *, reap: bool = True) ->
     bdrv_drain_all_begin and bdrv_close_all after its main loop, and monitor_cleanup and
     qemu_chr_cleanup (which closes our socket) follow them in every release since.  A second
     `stop` (or `reap_all`) then reaps it.
+
+    :raise QemuError: it did not answer SIGTERM within ``timeout`` and was killed (after the
+        rest was done): what it had not flushed may be lost, which is no clean revert.
     """
     process = daemon.process
-    if _terminate(daemon) and not _wait(daemon, timeout, closed=not reap):
-        log.warning("qemu-storage-daemon (pid %d) did not stop; killing it", process.pid)
+    killed = _terminate(daemon) and not _wait(daemon, timeout, closed=not reap)
+    if killed:
         process.kill()
     if not reap and process.poll() is None and not _still_mounted(daemon.graph):
         return None
@@ -602,6 +615,15 @@ def stop(daemon: Daemon, timeout: float = STOP_TIMEOUT, *, reap: bool = True) ->
     status = process.returncode
     left = _detach_new(daemon.graph, set(), daemon.mounts)
     if left:
-        log.warning("a mount was left on %s; detached it", ", ".join(left))
+        # Expected of a daemon we killed: the error below says so.
+        (log.debug if killed else log.warning)(
+            "a mount was left on %s; detached it", ", ".join(left)
+        )
     log.debug("qemu-storage-daemon %s", describe_exit(status))
+    if killed:
+        raise QemuError(
+            f"qemu-storage-daemon (pid {process.pid}) did not stop within {timeout:g} s of "
+            f"SIGTERM and was killed: writes to {', '.join(daemon.mountpoints)} that it had not "
+            "yet flushed to the images may be lost"
+        )
     return status

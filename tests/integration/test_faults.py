@@ -76,6 +76,27 @@ def detached_pid(pid_file: Path) -> int:
 # 1. qemu-storage-daemon dies while serving
 
 
+def test_a_daemon_that_does_not_stop_is_killed_and_reported(fde: Runner, tmp_path: Path) -> None:
+    """A daemon that does not answer SIGTERM (stopped here with SIGSTOP) is killed after the
+    stop timeout: what it had not flushed may be lost, so the revert is not reported as clean
+    (it was exit 0 with a warning)."""
+    img = make_qcow2(tmp_path / "a.qcow2", "64M")
+    pid_file = tmp_path / "fde.pid"
+    proc = fde.start_live("-p", str(pid_file), str(img))
+    daemon = wait_daemon_child(proc.pid)
+    fde.track_pid(daemon)
+    os.kill(daemon, signal.SIGSTOP)
+    proc.send_signal(signal.SIGINT)
+    status = proc.wait(timeout=30)
+    assert proc.stderr is not None
+    line = one_line(proc.stderr.read())
+    assert status == 1, line
+    assert "did not stop within" in line and "killed" in line and str(img) in line, line
+    assert_not_mounted(img)
+    assert_all_clean(tmp_path, pid_files=(pid_file,))
+    assert image_format(img) == "qcow2"
+
+
 def test_daemon_killed_while_serving(fde: Runner, tmp_path: Path) -> None:
     img = make_qcow2(tmp_path / "a.qcow2", "64M", (0x5A, "0", "1M"))
     pid_file = tmp_path / "fde.pid"
